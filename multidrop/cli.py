@@ -1,0 +1,120 @@
+"""The ``multidrop`` command: a thin front end over the library.
+
+Example:
+    $ multidrop plan model.keras --rate 0.2
+    $ multidrop insert model.keras -o rewired.keras --rate 0.2 --where activations --kind auto
+    $ multidrop insert model.keras -o rewired.keras --rate fc1=0.5,fc2=0.3 --where fc1,fc2
+
+Bad input (a missing or unreadable file, a bad option) prints one line to
+stderr and exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import multidrop
+from multidrop import select
+
+
+class UsageError(Exception):
+    """A problem with the command line or its files; printed as one line."""
+
+
+def load_model(path: str):
+    """Load a ``.keras`` file, or raise `UsageError` saying what is wrong with it."""
+    import keras
+
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise UsageError(f"no such model file: {path}")
+    if file.suffix != ".keras":
+        raise UsageError(f"{path} is not a .keras file; save the model with model.save('model.keras')")
+    try:
+        return keras.saving.load_model(file)
+    except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"cannot load {path} as a Keras model: {first}") from error
+
+
+def parse_rate(text: str):
+    """``0.2`` -> 0.2; ``fc1=0.5,fc2=0.3`` -> {"fc1": 0.5, "fc2": 0.3}."""
+    try:
+        if "=" not in text:
+            return float(text)
+        pairs = (item.split("=", 1) for item in text.split(","))
+        return {name.strip(): float(value) for name, value in pairs}
+    except ValueError:
+        raise UsageError(f"--rate {text!r} is neither a number nor name=rate pairs like fc1=0.5,fc2=0.3")
+
+
+def parse_where(text: str):
+    """``activations``, ``re:PATTERN``, or comma-separated layer names."""
+    if text == "activations":
+        return select.activations()
+    if text.startswith("re:"):
+        return select.regex(text[3:])
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def add_insert_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``insert_dropout`` that every subcommand shares."""
+    parser.add_argument("--rate", default="0.1", help="a float in [0, 1) or name=rate pairs (default 0.1)")
+    parser.add_argument("--where", default="activations",
+                        help="'activations' (default), 're:PATTERN', or comma-separated layer names")
+    parser.add_argument("--kind", default="dropout", help="dropout, spatial, gaussian, alpha or auto")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible masks")
+    parser.add_argument("--include-outputs", action="store_true", help="also after model outputs")
+    parser.add_argument("--mc", action="store_true", help="keep dropout on at inference (Monte Carlo)")
+
+
+def insert_options(args: argparse.Namespace) -> dict:
+    return dict(
+        rate=parse_rate(args.rate), where=parse_where(args.where), kind=args.kind,
+        seed=args.seed, include_outputs=args.include_outputs, mc=args.mc,
+    )
+
+
+def cmd_plan(args) -> int:
+    print(multidrop.plan(load_model(args.model), **insert_options(args)))
+    return 0
+
+
+def cmd_insert(args) -> int:
+    model, options = load_model(args.model), insert_options(args)
+    added = len(multidrop.plan(model, **options))
+    multidrop.insert_dropout(model, **options).save(args.output)
+    print(f"wrote {args.output}: '{model.name}' with {added} dropout layers inserted")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multidrop", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    plan = commands.add_parser("plan", help="print where dropout would go (a dry run)")
+    plan.add_argument("model", help="a .keras file")
+    add_insert_options(plan)
+    plan.set_defaults(run=cmd_plan)
+
+    insert = commands.add_parser("insert", help="write a copy of the model with dropout inserted")
+    insert.add_argument("model", help="a .keras file")
+    insert.add_argument("-o", "--output", required=True, help="where to write the rewired .keras file")
+    add_insert_options(insert)
+    insert.set_defaults(run=cmd_insert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (UsageError, ValueError, TypeError) as error:
+        print(f"multidrop {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Dropout kinds and rates: what each site gets, checked before anything is built.
+
+Example:
+    >>> from multidrop import kinds
+    >>> kinds.resolve_kind("auto", call)           # for a conv feature map
+    'SpatialDropout2D'
+    >>> layer = kinds.make_layer("SpatialDropout2D", 0.2, call, noise_shape=None, seed=7, name="x")
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+
+import keras
+
+from multidrop.graph import Call
+from multidrop.select import CONV_LAYERS
+
+KINDS = ("dropout", "spatial", "gaussian", "alpha", "auto")
+DROPOUT_LAYERS = (
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D,
+    keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout,
+)
+_SPATIAL = {3: "SpatialDropout1D", 4: "SpatialDropout2D", 5: "SpatialDropout3D"}
+
+
+def check_rate_value(value, where: str) -> float:
+    """Return ``value`` as a float, or raise unless it lies in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ValueError(
+            f"rate must be a float in [0, 1), got {value!r}{where}. "
+            "It is the fraction of units dropped: rate=0.2 drops 20%."
+        )
+    return float(value)
+
+
+def check_rate(rate) -> None:
+    """Validate the ``rate`` argument as a whole (its type, and every fixed value)."""
+    if isinstance(rate, Mapping):
+        if not rate:
+            raise ValueError("rate={} names no layer; give {layer_name: rate} pairs.")
+        for name, value in rate.items():
+            check_rate_value(value, f" for layer {name!r}")
+    elif not callable(rate):
+        check_rate_value(rate, "")
+
+
+def resolve_rate(rate, call: Call) -> float | None:
+    """The rate for one site, or None when ``rate`` leaves the site untouched."""
+    if isinstance(rate, Mapping):
+        value = rate.get(call.qualname, rate.get(call.name))
+    elif callable(rate):
+        value = rate(call.operation)
+    else:
+        value = rate
+    return None if value is None else check_rate_value(value, f" for site {call.qualname!r}")
+
+
+def check_kind(kind) -> None:
+    if callable(kind):
+        return
+    if kind not in KINDS:
+        raise ValueError(
+            f"Unknown dropout kind={kind!r}. Valid kinds: "
+            f"{', '.join(map(repr, KINDS))}, or a callable (rate, layer) -> keras.layers.Layer."
+        )
+
+
+def resolve_kind(kind, call: Call) -> str:
+    """The Keras layer class name a site gets (``custom`` for a callable kind)."""
+    if callable(kind):
+        return getattr(kind, "__name__", "custom")
+    rank = len(call.outputs[0].shape)
+    if kind == "auto":
+        activation = getattr(call.operation, "activation", None)
+        if activation is keras.activations.selu or type(call.operation).__name__ == "Selu":
+            return "AlphaDropout"
+        conv_like = isinstance(call.operation, CONV_LAYERS) or rank in (4, 5)
+        return _SPATIAL[rank] if conv_like and rank in _SPATIAL else "Dropout"
+    if kind == "spatial":
+        if rank not in _SPATIAL:
+            raise ValueError(
+                f"kind='spatial' needs a feature map of rank 3, 4 or 5 (batch "
+                f"included), but site {call.qualname!r} has shape "
+                f"{call.outputs[0].shape}. Use kind='dropout' or kind='auto'."
+            )
+        return _SPATIAL[rank]
+    return {"dropout": "Dropout", "gaussian": "GaussianDropout", "alpha": "AlphaDropout"}[kind]
+
+
+def check_noise_shape(noise_shape, kind_name: str, call: Call) -> None:
+    """``noise_shape`` must match the site's rank, and its kind must take one."""
+    if noise_shape is None:
+        return
+    shape = call.outputs[0].shape
+    if kind_name not in ("Dropout", "AlphaDropout"):
+        raise ValueError(
+            f"noise_shape is not supported by {kind_name} (site {call.qualname!r}); "
+            "use kind='dropout' or kind='alpha', or drop noise_shape."
+        )
+    if len(noise_shape) != len(shape):
+        raise ValueError(
+            f"noise_shape={tuple(noise_shape)} has rank {len(noise_shape)}, but site "
+            f"{call.qualname!r} has shape {shape} (rank {len(shape)}). Give one entry "
+            f"per axis, batch included: e.g. {(None,) + (1,) * (len(shape) - 2) + shape[-1:]} "
+            "drops the same features at every position."
+        )
+
+
+def make_layer(kind, kind_name: str, rate: float, call: Call, *, noise_shape, seed, name) -> keras.layers.Layer:
+    """Construct the dropout layer for one site."""
+    if callable(kind):
+        layer = kind(rate, call.operation)
+        if not isinstance(layer, keras.layers.Layer):
+            raise TypeError(
+                f"kind callable must return a keras.layers.Layer, got "
+                f"{type(layer).__name__} for site {call.qualname!r}."
+            )
+        return layer
+    cls = getattr(keras.layers, kind_name)
+    options = {"seed": seed, "name": name}
+    if kind_name in ("Dropout", "AlphaDropout"):
+        options["noise_shape"] = noise_shape
+    if kind_name.startswith("Spatial"):
+        options["data_format"] = getattr(call.operation, "data_format", None)
+    return cls(rate, **options)
+
