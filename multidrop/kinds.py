@@ -126,7 +126,7 @@ def make_layer(kind, kind_name: str, rate: float, call: Call, *, noise_shape, se
     options = {"seed": seed, "name": name}
     if kind_name in ("Dropout", "AlphaDropout"):
         options["noise_shape"] = noise_shape
-    if kind_name.startswith("Spatial"):
+    if kind_name in ("SpatialDropout2D", "SpatialDropout3D"):
         options["data_format"] = getattr(call.operation, "data_format", None)
     return cls(rate, **options)
 
