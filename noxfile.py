@@ -1,7 +1,7 @@
 """Test sessions for multidrop: one per Keras backend, plus cross-backend, benchmarks and fuzzing.
 
     nox                          # tests on torch, jax and tensorflow, then crossbackend
-    nox -s "tests(backend='jax')" -- -k nested
+    nox -s "tests(jax)" -- -k nested
     nox -s bench                 # quick benchmark (not in the default set)
     nox -s fuzz                  # long Hypothesis budget (not in the default set)
 """
@@ -22,8 +22,9 @@ def install(session: nox.Session, *extras: str) -> None:
 @nox.session
 @nox.parametrize("backend", BACKENDS, ids=BACKENDS)
 def tests(session: nox.Session, backend: str) -> None:
-    """Run the test suite on one Keras backend."""
-    install(session, backend)
+    """Run the test suite on one Keras backend (all three are installed: some tests start
+    subprocesses on another backend, e.g. JAX DataParallel or the PyTorch default)."""
+    install(session, *BACKENDS)
     session.run(
         "pytest", "-m", "not crossbackend", *session.posargs,
         env={"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"},
