@@ -23,14 +23,20 @@ if (
     os.environ["KERAS_BACKEND"] = "torch"
 
 from multidrop import select  # noqa: E402
+from multidrop.mc import mc_predict, predictive_entropy  # noqa: E402
 from multidrop.plan import Plan, Site, plan  # noqa: E402
 from multidrop.rewire import insert_dropout, remove_dropout  # noqa: E402
+from multidrop.verify import cross_backend, verify  # noqa: E402
 
 __all__ = [
     "Plan",
     "Site",
+    "cross_backend",
     "insert_dropout",
+    "mc_predict",
     "plan",
+    "predictive_entropy",
     "remove_dropout",
     "select",
+    "verify",
 ]

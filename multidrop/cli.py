@@ -4,16 +4,23 @@ Example:
     $ multidrop plan model.keras --rate 0.2
     $ multidrop insert model.keras -o rewired.keras --rate 0.2 --where activations --kind auto
     $ multidrop insert model.keras -o rewired.keras --rate fc1=0.5,fc2=0.3 --where fc1,fc2
+    $ multidrop verify model.keras --rate 0.2 --backends torch,jax,tensorflow --json report.json
+    $ multidrop demo                     # the whole job on the bundled digits CNN
 
 Bad input (a missing or unreadable file, a bad option) prints one line to
-stderr and exits with status 2; no traceback.
+stderr and exits with status 2; no traceback. ``multidrop verify`` exits 1
+when the models disagree.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import pathlib
 import sys
+import zipfile
+
+import rich.console
 
 import multidrop
 from multidrop import select
@@ -32,6 +39,8 @@ def load_model(path: str):
         raise UsageError(f"no such model file: {path}")
     if file.suffix != ".keras":
         raise UsageError(f"{path} is not a .keras file; save the model with model.save('model.keras')")
+    if not zipfile.is_zipfile(file):
+        raise UsageError(f"{path} is not a .keras archive (not a zip file): it is corrupt or truncated")
     try:
         return keras.saving.load_model(file)
     except Exception as error:
@@ -85,8 +94,51 @@ def cmd_plan(args) -> int:
 def cmd_insert(args) -> int:
     model, options = load_model(args.model), insert_options(args)
     added = len(multidrop.plan(model, **options))
-    multidrop.insert_dropout(model, **options).save(args.output)
+    rewired = multidrop.insert_dropout(model, **options)
+    try:
+        rewired.save(args.output)
+    except OSError as error:
+        raise UsageError(f"cannot write {args.output}: {error.strerror or error}") from error
     print(f"wrote {args.output}: '{model.name}' with {added} dropout layers inserted")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    model, options = load_model(args.model), insert_options(args)
+    # Selectors hold closures, which cannot be sent to the backend subprocesses: send
+    # 'activations' as the string, and a regex as the names of the sites it picks.
+    if args.where == "activations":
+        options["where"] = "activations"
+    elif args.where.startswith("re:"):
+        options["where"] = sorted({site.qualname for site in multidrop.plan(model, **options)})
+    tolerances = {name: value for name, value in (("atol", args.atol), ("rtol", args.rtol))
+                  if value is not None}
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    status = rich.console.Console(stderr=True).status(f"verifying on {', '.join(backends)}")
+    with status:
+        report = multidrop.cross_backend(args.model, backends, tolerances=tolerances, **options)
+    print(report)
+    if args.json:
+        try:
+            pathlib.Path(args.json).write_text(report.to_json())
+        except OSError as error:
+            raise UsageError(f"cannot write --json {args.json}: {error.strerror}") from error
+    return 0 if report.ok else 1
+
+
+def cmd_demo(args) -> int:
+    from multidrop import demo
+
+    missing = [name for name in ("sklearn", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"the demo needs {' and '.join(missing)}: pip install 'multidrop[demo]'")
+    if args.mc:
+        raise UsageError("demo draws Monte Carlo samples with mc_predict itself; drop --mc")
+    if args.epochs < 1 or args.samples < 1:
+        raise UsageError("--epochs and --samples must be at least 1")
+    model = load_model(args.model) if args.model else None
+    demo.run(model, options=insert_options(args), epochs=args.epochs, samples=args.samples,
+             out=args.out)
     return 0
 
 
@@ -104,6 +156,26 @@ def build_parser() -> argparse.ArgumentParser:
     insert.add_argument("-o", "--output", required=True, help="where to write the rewired .keras file")
     add_insert_options(insert)
     insert.set_defaults(run=cmd_insert)
+
+    verify = commands.add_parser(
+        "verify", help="prove the rewired model answers like the original on every backend")
+    verify.add_argument("model", help="a .keras file")
+    verify.add_argument("--backends", default="torch,jax,tensorflow",
+                        help="comma-separated backends to run (default torch,jax,tensorflow)")
+    add_insert_options(verify)
+    for name, what in (("--atol", "absolute"), ("--rtol", "relative")):
+        verify.add_argument(name, type=float, help=f"{what} tolerance between backends (default: by dtype)")
+    verify.add_argument("--json", metavar="FILE", help="also write the report to FILE as JSON")
+    verify.set_defaults(run=cmd_verify)
+
+    demo = commands.add_parser(
+        "demo", help="plan, insert, verify, fine-tune and MC dropout on a digits CNN (or --model)")
+    demo.add_argument("--model", help="your own .keras file instead of the bundled digits CNN")
+    demo.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs (default 5)")
+    demo.add_argument("--samples", type=int, default=30, help="Monte Carlo samples (default 30)")
+    demo.add_argument("--out", default=".", help="folder for the PNG (default: the current one)")
+    add_insert_options(demo)
+    demo.set_defaults(run=cmd_demo)
     return parser
 
 
@@ -112,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (UsageError, ValueError, TypeError) as error:
-        print(f"multidrop {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())  # one line, even for Keras' multi-line errors
+        print(f"multidrop {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

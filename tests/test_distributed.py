@@ -1,0 +1,127 @@
+"""A rewired model under the distributed engines: keras.distribution.DataParallel on JAX
+(two virtual CPU devices) and PyTorch DistributedDataParallel (two processes under torchrun).
+
+Both run in fresh subprocesses on their own backend, whatever backend this
+session tests: XLA reads ``XLA_FLAGS`` once, when jax is imported, and DDP
+needs a process per replica.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+SCRIPT = r"""
+import json
+import jax, keras, numpy as np
+import multidrop
+
+distribution = keras.distribution.DataParallel(devices=jax.devices())
+keras.distribution.set_distribution(distribution)
+
+inputs = keras.Input((16,), name="features")
+h = keras.layers.Dense(32, activation="relu", name="fc1")(inputs)
+h = keras.layers.BatchNormalization(name="bn")(h)
+model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax", name="probs")(h))
+original = [np.array(w) for w in model.get_weights()]
+rewired = multidrop.insert_dropout(model, 0.5, seed=0)
+rewired.compile("sgd", "sparse_categorical_crossentropy")
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(8, 16)).astype("float32"), rng.integers(0, 4, size=8)
+before = [np.array(w) for w in rewired.get_weights()]
+loss = rewired.fit(x, y, batch_size=8, epochs=1, verbose=0).history["loss"]
+
+# The dropout output on 8 copies of one input, in a jitted training-mode call on
+# data sharded like fit shards it: each replica holds 4 rows and draws its own mask.
+probe = keras.Model(rewired.inputs, rewired.get_layer("fc1_multidrop").output)
+same = np.repeat(x[:1], 8, axis=0)
+data = jax.device_put(same, distribution.get_data_layout(same.shape).backend_layout)
+state = ([v.value for v in probe.trainable_variables],
+         [v.value for v in probe.non_trainable_variables])
+step = jax.jit(lambda t, n, d: probe.stateless_call(t, n, d, training=True)[0])
+shards = sorted(step(*state, data).addressable_shards, key=lambda s: s.index[0].start)
+print(json.dumps({
+    "devices": len(jax.devices()),
+    "loss": loss,
+    "trained": [not np.array_equal(a, b) for a, b in zip(before, rewired.get_weights())],
+    "original_untouched": all(np.array_equal(a, b) for a, b in zip(original, model.get_weights())),
+    "kernel_replicated": rewired.get_layer("fc1").kernel.value.sharding.is_fully_replicated,
+    "shard_devices": [str(s.device) for s in shards],
+    "shard_masks": [(np.asarray(s.data) != 0).astype(int).tolist() for s in shards],
+    "relu_zeros": (np.asarray(probe.layers[1](same)) == 0).astype(int).tolist(),
+}))
+"""
+
+
+# Each runs in its own backend's nox session (every session installs all backends; one run is enough).
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="runs in the jax session")
+def test_rewired_model_trains_under_data_parallel_with_a_mask_per_replica():
+    env = {**os.environ, "KERAS_BACKEND": "jax",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert result["devices"] == 2
+    assert np.isfinite(result["loss"][0])
+    assert all(result["trained"])  # kernels, biases and BN statistics all moved
+    assert result["original_untouched"]
+    assert result["kernel_replicated"]
+    assert len(set(result["shard_devices"])) == 2
+    first, second = (np.array(mask) for mask in result["shard_masks"])
+    assert first.shape == second.shape == (4, 32)
+    assert not np.array_equal(first, second)  # same input, different masks per replica
+    alive = np.array(result["relu_zeros"][:4]) == 0  # units the ReLU left non-zero
+    assert 0.2 < first[alive].mean() < 0.8 and 0.2 < second[alive].mean() < 0.8  # rate 0.5
+
+
+DDP_SCRIPT = r"""
+import json, os, sys
+import keras, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+import multidrop
+
+dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE and the rendezvous address
+rank = dist.get_rank()
+keras.utils.set_random_seed(0)  # the same starting model and data on every rank
+inputs = keras.Input((16,))
+h = keras.layers.Dense(32, activation="relu", name="fc1")(inputs)
+model = keras.Model(inputs, keras.layers.Dense(4, name="out")(h))
+rewired = multidrop.insert_dropout(model, 0.5)
+ddp = DistributedDataParallel(rewired)
+# DDP copied rank 0's variables to every rank, dropout RNG states included: reseed (README).
+states = [v for v in rewired.variables if v.path.endswith("seed_generator_state")]
+for i, state in enumerate(states):
+    state.assign([1000 * rank + i, 0])
+probe = keras.Model(rewired.inputs, rewired.get_layer("fc1_multidrop").output)
+mask = (probe(torch.ones(4, 16), training=True) != 0).int().tolist()
+optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+ddp(torch.randn(8, 16), training=True).square().mean().backward()
+optimizer.step()
+with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+    json.dump({"mask": mask, "weights": [w.tolist() for w in rewired.get_weights()]}, f)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="runs in the torch session")
+def test_rewired_model_trains_under_torch_ddp_with_a_mask_per_rank(tmp_path):
+    script = tmp_path / "ddp_step.py"
+    script.write_text(DDP_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(script), str(tmp_path)]
+    env = {**os.environ, "KERAS_BACKEND": "torch"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+    first, second = (np.array(r["mask"]) for r in ranks)
+    assert not np.array_equal(first, second)  # same input, a different mask on each rank
+    trained = [np.array(w) for w in ranks[0]["weights"]]
+    for mine, theirs in zip(trained, ranks[1]["weights"]):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-6)  # gradients averaged: replicas agree
