@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import keras
 
+from multidrop import layers
 from multidrop.graph import Call
 from multidrop.select import CONV_LAYERS
 
@@ -45,6 +46,8 @@ def check_rate(rate) -> None:
         if not rate:
             raise ValueError("rate={} names no layer; give {layer_name: rate} pairs.")
         for name, value in rate.items():
+            if not isinstance(name, str):
+                raise TypeError(f"rate dict keys must be layer names (str), got {name!r}.")
             check_rate_value(value, f" for layer {name!r}")
     elif not callable(rate):
         check_rate_value(rate, "")
@@ -62,6 +65,14 @@ def resolve_rate(rate, call: Call) -> float | None:
 
 
 def check_kind(kind) -> None:
+    if isinstance(kind, (type, keras.layers.Layer)):
+        what = kind if isinstance(kind, type) else type(kind)
+        raise TypeError(
+            f"kind={what.__name__}{'()' * (what is not kind)} is a layer "
+            f"{'class' if what is kind else 'object'}; kind takes a name such as 'dropout', "
+            f"or a callable (rate, layer) -> keras.layers.Layer that makes a new layer per site, "
+            f"e.g. kind=lambda rate, layer: keras.layers.{what.__name__}(rate)."
+        )
     if callable(kind):
         return
     if kind not in KINDS:
@@ -110,6 +121,21 @@ def check_noise_shape(noise_shape, kind_name: str, call: Call) -> None:
             f"per axis, batch included: e.g. {(None,) + (1,) * (len(shape) - 2) + shape[-1:]} "
             "drops the same features at every position."
         )
+    bad = [axis for axis, (n, dim) in enumerate(zip(noise_shape, shape)) if not _broadcasts(n, dim)]
+    if bad:
+        raise ValueError(
+            f"noise_shape={tuple(noise_shape)} does not fit site {call.qualname!r} of shape "
+            f"{shape} at axis {bad[0]}: each entry must be None, 1, or the size of that axis."
+        )
+
+
+def _broadcasts(n, dim) -> bool:
+    """A noise_shape entry ``n`` fits an axis of size ``dim`` (None when unknown)."""
+    if n is None:
+        return True
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        return False
+    return n == 1 or dim is None or n == dim
 
 
 def make_layer(kind, kind_name: str, rate: float, call: Call, *, noise_shape, seed, name) -> keras.layers.Layer:
@@ -121,9 +147,17 @@ def make_layer(kind, kind_name: str, rate: float, call: Call, *, noise_shape, se
                 f"kind callable must return a keras.layers.Layer, got "
                 f"{type(layer).__name__} for site {call.qualname!r}."
             )
+        if layer._inbound_nodes:  # already called: the model's own, or another site's
+            raise TypeError(
+                f"kind callable returned {type(layer).__name__} '{layer.name}' for site "
+                f"{call.qualname!r}, a layer already in use; return a new layer for each site."
+            )
         return layer
     cls = getattr(keras.layers, kind_name)
-    options = {"seed": seed, "name": name}
+    if kind_name == "Dropout" and keras.backend.backend() == "torch":
+        cls = layers.Dropout  # keras' Dropout with a cheaper training path, saved as keras' own
+    # The site's dtype, not the global policy: a mixed-precision model keeps its output dtypes.
+    options = {"seed": seed, "name": name, "dtype": call.outputs[0].dtype}
     if kind_name in ("Dropout", "AlphaDropout"):
         options["noise_shape"] = noise_shape
     if kind_name in ("SpatialDropout2D", "SpatialDropout3D"):
