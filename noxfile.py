@@ -4,6 +4,7 @@
     nox -s "tests(jax)" -- -k nested
     nox -s bench                 # quick benchmark (not in the default set)
     nox -s fuzz                  # long Hypothesis budget (not in the default set)
+    nox -s sweep                 # all 40 keras.applications models (not in the default set)
 """
 
 import nox
@@ -36,3 +37,30 @@ def crossbackend(session: nox.Session) -> None:
     """Install all three backends in one environment and run the cross-backend tests."""
     install(session, *BACKENDS)
     session.run("pytest", "-m", "crossbackend", *session.posargs, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
+
+
+@nox.session(default=False)
+@nox.parametrize("backend", BACKENDS, ids=BACKENDS)
+def fuzz(session: nox.Session, backend: str) -> None:
+    """Property tests on random graphs with the long Hypothesis budget (profile "fuzz")."""
+    install(session, *BACKENDS)
+    env = {"KERAS_BACKEND": backend, "HYPOTHESIS_PROFILE": "fuzz", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    session.run("pytest", "tests/test_fuzz.py", "--hypothesis-show-statistics", *session.posargs, env=env)
+
+
+@nox.session(default=False)
+@nox.parametrize("backend", BACKENDS, ids=BACKENDS)
+def sweep(session: nox.Session, backend: str) -> None:
+    """Rewire all 40 keras.applications models, not just one per family as CI does."""
+    install(session, *BACKENDS)
+    env = {"KERAS_BACKEND": backend, "MULTIDROP_SWEEP": "all", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    session.run("pytest", "tests/test_sweep.py", "--durations=0", *session.posargs, env=env)
+
+
+@nox.session(default=False)
+@nox.parametrize("backend", BACKENDS, ids=BACKENDS)
+def bench(session: nox.Session, backend: str) -> None:
+    """Quick training-overhead benchmark; options after -- replace --quick (-- --models mlp)."""
+    install(session, backend)
+    env = {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    session.run("python", "-m", "benchmarks", *(session.posargs or ["--quick"]), env=env)

@@ -30,7 +30,7 @@ class Call:
         index: 0 for the first call of ``operation`` in its graph, 1 for the
             second call of a shared layer, and so on.
         is_output: the call's output tensor is an output of the outermost model.
-        inference_only: the call sits in a nested model called with
+        inference_only: the call sits in a nested model called only with
             ``training=False`` (``backbone(x, training=False)``), so a dropout
             after it would never be active.
     """
@@ -123,7 +123,8 @@ def walk(model, *, recursive: bool = True) -> list[Call]:
 
 def _walk(model, path, final_ids, inference_only, recursive, calls, seen) -> None:
     counts: dict[int, int] = {}
-    for node in nodes(model):
+    graph_nodes = nodes(model)
+    for node in graph_nodes:
         op = node.operation
         index = counts.get(id(op), 0)
         counts[id(op)] = index + 1
@@ -131,12 +132,17 @@ def _walk(model, path, final_ids, inference_only, recursive, calls, seen) -> Non
         calls.append(Call(op, node, path, index, is_output, inference_only))
         if recursive and is_graph_model(op) and id(op) not in seen:
             seen.add(id(op))
+            # A nested model called several times: an inner tensor is final if any call
+            # makes it a model output, and inert only if every call says training=False.
+            uses = [n for n in graph_nodes if n.operation is op]
             inner = graph_of(op).outputs
             inner_final = {
                 id(inner[i])
-                for i, t in enumerate(node.outputs)
+                for use in uses
+                for i, t in enumerate(use.outputs)
                 if id(t) in final_ids
             }
-            frozen = inference_only or node.arguments.kwargs.get("training") is False
+            inert = all(use.arguments.kwargs.get("training") is False for use in uses)
+            frozen = inference_only or inert
             _walk(op, (*path, op.name), inner_final, frozen, recursive, calls, seen)
 

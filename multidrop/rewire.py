@@ -123,14 +123,21 @@ class _Rebuild:
         self.leaves: list[tuple[keras.Operation, keras.Operation]] = []
 
     def run(self, model) -> keras.Model:
+        # Read before the rebuild: with share_weights, setting a new container's
+        # flag also sets the original's layers, which the clone holds.
+        flags = {id(layer): layer.trainable for layer in model._flatten_layers()}
         new = self.model(model)
         if not self.plan.share_weights:
             for old, clone in self.leaves:
                 _copy_weights(old, clone)
-        self.copy_trainable(model, new)
+        self.copy_trainable(model, new, flags)
         names = getattr(model, "output_names", None)
         if names is not None and list(new.output_names) != list(names):
-            new.output_names = list(names)  # a dropout after an output renamed it
+            # A dropout after an output renamed it; removing one uncovers the site's own name.
+            new.output_names = [
+                mine if self.remove and is_added_name(old) else old
+                for old, mine in zip(names, new.output_names)
+            ]
         return new
 
     def model(self, model) -> keras.Model:
@@ -186,19 +193,22 @@ class _Rebuild:
         )
         if self.plan.mc:
             layer.name = f"{site.name}_inner"
-            return MonteCarlo(layer, name=site.name)
+            return MonteCarlo(layer, name=site.name, dtype=layer.dtype_policy)
         layer.name = site.name
         return layer
 
-    def copy_trainable(self, old, new) -> None:
-        """Set ``trainable`` as in ``old``: a container first, since setting its
-        flag sets its whole subtree, then the nested models and layers inside."""
-        new.trainable = old.trainable
+    def copy_trainable(self, old, new, flags) -> None:
+        """Set ``trainable`` as ``flags`` (read from the original) says: a container
+        first, since setting its flag sets its whole subtree, then the nested models
+        and layers inside, and the sublayers of those layers (``TimeDistributed``'s)."""
+        new.trainable = flags[id(old)]
         for op in {id(n.operation): n.operation for n in graph.nodes(old)}.values():
             if graph.is_graph_model(op):
-                self.copy_trainable(op, self.clones[id(op)])
+                self.copy_trainable(op, self.clones[id(op)], flags)
             elif isinstance(op, keras.layers.Layer) and id(op) in self.clones:
-                self.clones[id(op)].trainable = op.trainable
+                clones = self.clones[id(op)]._flatten_layers()
+                for layer, clone in zip(op._flatten_layers(), clones):
+                    clone.trainable = flags[id(layer)]
 
 
 def _clone_input(tensor) -> keras.layers.InputLayer:

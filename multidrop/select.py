@@ -148,7 +148,11 @@ def names(*layer_names: str) -> Selector:
 
 def regex(pattern: str) -> Selector:
     """Calls whose name (or ``path/name``) contains a match of ``pattern``."""
-    compiled = re.compile(pattern)
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        message = f"select.regex({pattern!r}) is not a regular expression: {error}"
+        raise ValueError(message) from error
     return _predicate(
         lambda c: compiled.search(c.name) or compiled.search(c.qualname),
         f"regex({pattern!r})",
@@ -170,9 +174,12 @@ def trainable() -> Selector:
 
 
 def _trainable_mask(calls: list[Call]) -> list[bool]:
-    frozen = {c.qualname for c in calls if not c.operation.trainable}
+    def trainable(op) -> bool:
+        return getattr(op, "trainable", True)  # op nodes (keras.ops.gelu...) have no flag
+
+    frozen = {c.qualname for c in calls if not trainable(c.operation)}
     return [
-        c.operation.trainable
+        trainable(c.operation)
         and not any("/".join(c.path[: i + 1]) in frozen for i in range(len(c.path)))
         for c in calls
     ]
