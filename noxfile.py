@@ -20,23 +20,26 @@ def install(session: nox.Session, *extras: str) -> None:
     session.install(*CONSTRAINTS, "-e", f".[{','.join((*extras, 'test'))}]")
 
 
+def pytest(session: nox.Session, backend: str | None, *args: str, **env: str) -> None:
+    """Run pytest with ``args`` then the session's own arguments, on ``backend``."""
+    env = {"TF_CPP_MIN_LOG_LEVEL": "3", **env, **({"KERAS_BACKEND": backend} if backend else {})}
+    session.run("pytest", *args, *session.posargs, env=env)
+
+
 @nox.session
 @nox.parametrize("backend", BACKENDS, ids=BACKENDS)
 def tests(session: nox.Session, backend: str) -> None:
     """Run the test suite on one Keras backend (all three are installed: some tests start
     subprocesses on another backend, e.g. JAX DataParallel or the PyTorch default)."""
     install(session, *BACKENDS)
-    session.run(
-        "pytest", "-m", "not crossbackend", *session.posargs,
-        env={"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
+    pytest(session, backend, "-m", "not crossbackend")
 
 
 @nox.session
 def crossbackend(session: nox.Session) -> None:
     """Install all three backends in one environment and run the cross-backend tests."""
     install(session, *BACKENDS)
-    session.run("pytest", "-m", "crossbackend", *session.posargs, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
+    pytest(session, None, "-m", "crossbackend")
 
 
 @nox.session(default=False)
@@ -44,8 +47,7 @@ def crossbackend(session: nox.Session) -> None:
 def fuzz(session: nox.Session, backend: str) -> None:
     """Property tests on random graphs with the long Hypothesis budget (profile "fuzz")."""
     install(session, *BACKENDS)
-    env = {"KERAS_BACKEND": backend, "HYPOTHESIS_PROFILE": "fuzz", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    session.run("pytest", "tests/test_fuzz.py", "--hypothesis-show-statistics", *session.posargs, env=env)
+    pytest(session, backend, "tests/test_fuzz.py", "--hypothesis-show-statistics", HYPOTHESIS_PROFILE="fuzz")
 
 
 @nox.session(default=False)
@@ -53,8 +55,7 @@ def fuzz(session: nox.Session, backend: str) -> None:
 def sweep(session: nox.Session, backend: str) -> None:
     """Rewire all 40 keras.applications models, not just one per family as CI does."""
     install(session, *BACKENDS)
-    env = {"KERAS_BACKEND": backend, "MULTIDROP_SWEEP": "all", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    session.run("pytest", "tests/test_sweep.py", "--durations=0", *session.posargs, env=env)
+    pytest(session, backend, "tests/test_sweep.py", "--durations=0", MULTIDROP_SWEEP="all")
 
 
 @nox.session(default=False)
