@@ -66,7 +66,10 @@ FUNCTIONS = {  # op nodes in the functional graph; "shift" is not an activation
     "shift": lambda x: keras.ops.add(x, 0.5),
 }
 # The refusals a drawn case may meet; any other error is a bug.
-REFUSALS = re.compile(r"matched no site|rate returned None for all|Cannot put dropout after layer")
+REFUSALS = re.compile(
+    r"matched no site|rate returned None for all|Cannot put dropout after layer"
+    r"|Nested models are not searched with recursive=False"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +94,7 @@ class Step:
 class Net:
     """A model: inputs of these widths (sequences of STEPS if ``seq``), the steps, and
     the numbers of the output tensors; tensors are numbered inputs first, then one per step.
-    Its layers are built under the dtype ``policy``."""
+    Its layers are built under the dtype ``policy``; if ``named``, inputs and outputs are dicts."""
 
     inputs: tuple[int, ...]
     steps: tuple[Step, ...]
@@ -99,6 +102,7 @@ class Net:
     seq: bool = False
     sequential: bool = False
     policy: str = "float32"
+    named: bool = False
 
 
 # ----------------------------------------------------------------- drawing a Net
@@ -131,7 +135,9 @@ def nets(draw) -> Net:
             steps.append(Step("concat", (outputs[0], i)))
             outputs[0] = len(inputs) + len(steps) - 1
     policy = draw(st.sampled_from(["float32", "float32", "mixed_bfloat16"]))
-    return Net(inputs, tuple(steps), tuple(dict.fromkeys(outputs)), seq, sequential, policy)
+    named = not sequential and draw(st.booleans())
+    outputs = tuple(dict.fromkeys(outputs))
+    return Net(inputs, tuple(steps), outputs, seq, sequential, policy, named)
 
 
 def _steps(widths, dense_in, seq, sequential):
@@ -236,6 +242,10 @@ def _build(net: Net) -> keras.Model:
                 out = made[i](out)  # the same nested model called twice
             tensors.append(out)
     outputs = [tensors[i] for i in net.outputs]
+    if net.named:  # dict inputs and outputs, keyed by name
+        return keras.Model(
+            {x.name: x for x in inputs}, {f"out{i}": y for i, y in enumerate(outputs)}, name="net"
+        )
     return keras.Model(
         inputs if len(inputs) > 1 else inputs[0],
         outputs if len(outputs) > 1 else outputs[0],
@@ -291,9 +301,12 @@ def _layer(step: Step, i: int, shape: tuple):
 
 
 def inputs_for(model: keras.Model):
+    """A batch for ``model``, in the structure of its inputs (a tensor, list or dict)."""
     rng = np.random.default_rng(1)
-    arrays = [rng.normal(size=(BATCH, *x.shape[1:])).astype("float32") for x in model.inputs]
-    return arrays if len(arrays) > 1 else arrays[0]
+    structure = model.inputs[0] if isinstance(model, keras.Sequential) else model.input
+    return keras.tree.map_structure(
+        lambda x: rng.normal(size=(BATCH, *x.shape[1:])).astype("float32"), structure
+    )
 
 
 # ----------------------------------------------------------------- drawing the options
@@ -341,7 +354,8 @@ def options(draw, net: Net) -> dict:
         where=draw(WHERE),
         rate=draw(
             st.tuples(
-                st.sampled_from(["float", "dict", "callable"]), st.sampled_from([0.3, 0.5, 0.0])
+                st.sampled_from(["float", "dict", "callable"]),
+                st.sampled_from([0.3, 0.5, 0.3, 0.0]),
             )
         ),
         kind=kind,
@@ -349,6 +363,7 @@ def options(draw, net: Net) -> dict:
         seed=draw(st.none() | st.integers(0, 99)),
         include_outputs=draw(st.booleans()),
         share_weights=draw(st.booleans()),
+        recursive=draw(st.booleans()) or draw(st.booleans()),  # a quarter are False
     )
 
 
@@ -361,7 +376,7 @@ def resolve(option: dict, model: keras.Model) -> tuple:
         picked = list(where) if isinstance(where, list) else names[::2]
         rate, where = {name: value for name in picked}, picked
     elif how == "callable":
-        rate = lambda op: None if isinstance(op, layers.Dense) else value  # noqa: E731
+        rate = lambda op: None if getattr(op, "units", 0) == 6 else value  # noqa: E731
     else:
         rate = value
     kind = (lambda r, layer: layers.Dropout(r)) if option["kind"] == "callable" else option["kind"]
@@ -370,6 +385,7 @@ def resolve(option: dict, model: keras.Model) -> tuple:
         seed=option["seed"],
         include_outputs=option["include_outputs"],
         share_weights=option["share_weights"],
+        recursive=option["recursive"],
         noise_shape=(None, 1, None) if option["noise_shape"] else None,
     )
     return rate, where, kwargs
