@@ -76,19 +76,9 @@ def hidden_activations(model) -> list[str]:
     return sorted(names)
 
 
-def bert():
-    return keras_hub.models.BertBackbone(
-        vocabulary_size=50,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=8,
-    )
-
-
-def gpt2():
-    return keras_hub.models.GPT2Backbone(
+def tiny(backbone: type):
+    """A keras-hub transformer backbone built from its constructor, two tiny blocks."""
+    return backbone(
         vocabulary_size=50,
         num_layers=2,
         num_heads=2,
@@ -99,19 +89,19 @@ def gpt2():
 
 
 @pytest.mark.parametrize(
-    "make, block, options, sites",
+    "backbone, block, options, sites",
     [
         # BERT's only activation is the pooler's tanh, an output: include_outputs reaches it
         # and the last encoder block, whose output is the sequence output.
         (
-            bert,
+            keras_hub.models.BertBackbone,
             keras_hub.layers.TransformerEncoder,
             {"include_outputs": True},
             ["transformer_layer_0", "transformer_layer_1", "pooled_dense"],
         ),
         # GPT-2 ends in a LayerNormalization, so both decoder blocks are hidden sites.
         (
-            gpt2,
+            keras_hub.models.GPT2Backbone,
             keras_hub.layers.TransformerDecoder,
             {},
             ["transformer_layer_0", "transformer_layer_1"],
@@ -119,8 +109,8 @@ def gpt2():
     ],
     ids=["bert", "gpt2"],
 )
-def test_hub_backbone_rewires_after_its_blocks(make, block, options, sites, tmp_path):
-    model = make()
+def test_hub_backbone_rewires_after_its_blocks(backbone, block, options, sites, tmp_path):
+    model = tiny(backbone)
     rng = np.random.default_rng(0)
     x = {name: np.ones((2, 8), "int32") for name in model.input}
     x["token_ids"] = rng.integers(0, 50, size=(2, 8)).astype("int32")
