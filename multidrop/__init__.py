@@ -8,25 +8,15 @@ Example:
 
 Importing multidrop selects the PyTorch backend when ``KERAS_BACKEND`` is unset,
 Keras has not been imported yet and PyTorch is installed; an explicit
-``KERAS_BACKEND`` always wins.
+``KERAS_BACKEND`` always wins, and ``os.environ`` is left as it was.
 """
 
-import importlib.util
-import os
-import sys
-
-if (
-    "KERAS_BACKEND" not in os.environ
-    and "keras" not in sys.modules
-    and importlib.util.find_spec("torch") is not None
-):
-    os.environ["KERAS_BACKEND"] = "torch"
-
-from multidrop import select  # noqa: E402
-from multidrop.mc import mc_predict, predictive_entropy  # noqa: E402
-from multidrop.plan import Plan, Site, plan  # noqa: E402
-from multidrop.rewire import insert_dropout, remove_dropout  # noqa: E402
-from multidrop.verify import cross_backend, verify  # noqa: E402
+from multidrop import _keras  # first: picks the default backend before Keras loads
+from multidrop import select
+from multidrop.mc import mc_predict, predictive_entropy
+from multidrop.plan import Plan, Site, plan
+from multidrop.rewire import insert_dropout, remove_dropout
+from multidrop.verify import cross_backend, verify
 
 __all__ = [
     "Plan",

@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 
 import keras
-from keras.src.models.functional import Functional
+
+from multidrop import _keras
+from multidrop._keras import Functional
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -77,7 +79,7 @@ def check_model(model, argument: str = "model") -> None:
             "Rebuild it with the Functional API, or add Dropout layers in its "
             "call() yourself."
         )
-    if isinstance(model, keras.Sequential) and model._functional is None:
+    if isinstance(model, keras.Sequential) and _keras.sequential_graph(model) is None:
         raise ValueError(
             f"Sequential model '{model.name}' is not built, so it has no graph "
             "yet. Give it an input shape first: start it with "
@@ -87,12 +89,12 @@ def check_model(model, argument: str = "model") -> None:
 
 def graph_of(model) -> Functional:
     """The Functional graph behind a graph model (a Sequential keeps one)."""
-    return model._functional if isinstance(model, keras.Sequential) else model
+    return _keras.sequential_graph(model) if isinstance(model, keras.Sequential) else model
 
 
 def nodes(model) -> list:
     """The non-input nodes of a graph model, in the order Keras runs them."""
-    by_depth = graph_of(model)._nodes_by_depth
+    by_depth = _keras.nodes_by_depth(graph_of(model))
     return [
         node
         for depth in sorted(by_depth, reverse=True)

@@ -14,9 +14,8 @@ from collections.abc import Mapping
 
 import keras
 
-from multidrop import layers
+from multidrop import _keras, dropout
 from multidrop.graph import Call
-from multidrop.select import CONV_LAYERS
 
 KINDS = ("dropout", "spatial", "gaussian", "alpha", "auto")
 DROPOUT_LAYERS = (
@@ -91,7 +90,7 @@ def resolve_kind(kind, call: Call) -> str:
         activation = getattr(call.operation, "activation", None)
         if activation is keras.activations.selu or type(call.operation).__name__ == "Selu":
             return "AlphaDropout"
-        conv_like = isinstance(call.operation, CONV_LAYERS) or rank in (4, 5)
+        conv_like = isinstance(call.operation, _keras.CONV_LAYERS) or rank in (4, 5)
         return _SPATIAL[rank] if conv_like and rank in _SPATIAL else "Dropout"
     if kind == "spatial":
         if rank not in _SPATIAL:
@@ -147,15 +146,15 @@ def make_layer(kind, kind_name: str, rate: float, call: Call, *, noise_shape, se
                 f"kind callable must return a keras.layers.Layer, got "
                 f"{type(layer).__name__} for site {call.qualname!r}."
             )
-        if layer._inbound_nodes:  # already called: the model's own, or another site's
+        if _keras.is_called(layer):  # already called: the model's own, or another site's
             raise TypeError(
                 f"kind callable returned {type(layer).__name__} '{layer.name}' for site "
                 f"{call.qualname!r}, a layer already in use; return a new layer for each site."
             )
         return layer
     cls = getattr(keras.layers, kind_name)
-    if kind_name == "Dropout" and keras.backend.backend() == "torch":
-        cls = layers.Dropout  # keras' Dropout with a cheaper training path, saved as keras' own
+    if kind_name == "Dropout":
+        cls = dropout.Dropout  # keras' Dropout with a cheaper training path, saved as keras' own
     # The site's dtype, not the global policy: a mixed-precision model keeps its output dtypes.
     options = {"seed": seed, "name": name, "dtype": call.outputs[0].dtype}
     if kind_name in ("Dropout", "AlphaDropout"):

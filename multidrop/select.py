@@ -18,11 +18,8 @@ import re
 from collections.abc import Callable, Sequence
 
 import keras
-from keras.src.layers.convolutional.base_conv import BaseConv
-from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
-from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
-from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
 
+from multidrop import _keras
 from multidrop.graph import Call
 
 __all__ = [
@@ -47,9 +44,8 @@ ACTIVATION_LAYERS = (
     keras.layers.ELU,
     keras.layers.Softmax,
 )
-CONV_LAYERS = (BaseConv, BaseConvTranspose, BaseDepthwiseConv, BaseSeparableConv)
 # Layers whose output is their fused ``activation`` applied last.
-FUSED_ACTIVATION_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense, *CONV_LAYERS)
+FUSED_ACTIVATION_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense, *_keras.CONV_LAYERS)
 # Op nodes named after a function of keras.activations (Relu, Gelu, Tanh...).
 _ACTIVATION_OP_NAMES = {
     name.replace("_", "")

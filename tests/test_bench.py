@@ -1,6 +1,6 @@
 """The benchmark's quickest run end to end, and multidrop's own Dropout layer.
 
-On PyTorch, ``insert_dropout`` puts `multidrop.layers.Dropout` (Keras' Dropout
+On PyTorch, ``insert_dropout`` puts `multidrop.dropout.Dropout` (Keras' Dropout
 with a cheaper, sync-free training path) where other backends get
 ``keras.layers.Dropout``; the semantic tests below hold for both.
 """
@@ -18,7 +18,7 @@ import pytest
 from conftest import assert_identical
 
 import multidrop
-from multidrop.layers import Dropout
+from multidrop.dropout import Dropout
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TORCH = keras.backend.backend() == "torch"
@@ -90,7 +90,7 @@ def test_insert_dropout_uses_the_fast_layer_on_torch_only():
         layer for layer in multidrop.insert_dropout(model, 0.2).layers if "multidrop" in layer.name
     ]
     assert len(added) == 2 and all(isinstance(layer, keras.layers.Dropout) for layer in added)
-    assert all(type(layer) is (Dropout if TORCH else keras.layers.Dropout) for layer in added)
+    assert all(type(layer) is Dropout for layer in added)
 
 
 def test_inference_is_the_identity():

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from keras import layers
 
-from multidrop import cli, demo, digits
+from multidrop import cli, demo
+from multidrop.demo import digits
 
 
 def test_bundled_model_runs_the_whole_job(tmp_path, capsys):

@@ -1,8 +1,8 @@
 """The demo's data and model: scikit-learn's handwritten digits and a small CNN trained on them.
 
 The digits (1,797 grey 8x8 images, 10 classes) ship inside scikit-learn, so
-nothing is downloaded. ``python -m multidrop.digits`` retrains the CNN and
-rewrites ``multidrop/digits_cnn.keras``; with the same backend and versions it
+nothing is downloaded. ``python -m multidrop.demo.digits`` retrains the CNN and
+rewrites ``multidrop/demo/digits_cnn.keras``; with the same backend and versions it
 writes the same weights (the split, the initial weights and the batch order
 all come from fixed seeds).
 

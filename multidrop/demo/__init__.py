@@ -29,7 +29,7 @@ import rich.progress
 import rich.table
 
 import multidrop
-from multidrop import digits
+from multidrop.demo import digits
 
 PNG_NAME = "multidrop_demo_uncertain.png"
 SHOWN = 12  # uncertain digits in the table and the picture
