@@ -13,20 +13,26 @@ Keras has not been imported yet and PyTorch is installed; an explicit
 
 from multidrop import _keras  # first: picks the default backend before Keras loads
 from multidrop import select
+from multidrop.kinds import linear
 from multidrop.mc import mc_predict, predictive_entropy
+from multidrop.options import Options
 from multidrop.plan import Plan, Site, plan
-from multidrop.rewire import insert_dropout, remove_dropout
+from multidrop.rewire import insert_dropout, remove_dropout, set_dropout, set_plan
 from multidrop.verify import cross_backend, verify
 
 __all__ = [
+    "Options",
     "Plan",
     "Site",
     "cross_backend",
     "insert_dropout",
+    "linear",
     "mc_predict",
     "plan",
     "predictive_entropy",
     "remove_dropout",
     "select",
+    "set_dropout",
+    "set_plan",
     "verify",
 ]

@@ -24,6 +24,7 @@ import rich.console
 
 import multidrop
 from multidrop import select
+from multidrop.options import Options
 
 
 class UsageError(Exception):
@@ -79,20 +80,21 @@ def add_insert_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mc", action="store_true", help="keep dropout on at inference (Monte Carlo)")
 
 
-def insert_options(args: argparse.Namespace) -> dict:
-    return dict(
+def insert_options(args: argparse.Namespace) -> Options:
+    """The command line's insert options, validated once as an `Options` record."""
+    return Options(
         rate=parse_rate(args.rate), where=parse_where(args.where), kind=args.kind,
         seed=args.seed, include_outputs=args.include_outputs, mc=args.mc,
     )
 
 
 def cmd_plan(args) -> int:
-    print(multidrop.plan(load_model(args.model), **insert_options(args)))
+    print(multidrop.plan(load_model(args.model), **insert_options(args).changed()))
     return 0
 
 
 def cmd_insert(args) -> int:
-    model, options = load_model(args.model), insert_options(args)
+    model, options = load_model(args.model), insert_options(args).changed()
     added = len(multidrop.plan(model, **options))
     rewired = multidrop.insert_dropout(model, **options)
     try:
@@ -104,7 +106,7 @@ def cmd_insert(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    model, options = load_model(args.model), insert_options(args)
+    model, options = load_model(args.model), insert_options(args).changed()
     # Selectors hold closures, which cannot be sent to the backend subprocesses: send
     # 'activations' as the string, and a regex as the names of the sites it picks.
     if args.where == "activations":

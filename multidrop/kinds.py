@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Mapping
 
@@ -17,7 +18,7 @@ import keras
 from multidrop import _keras, dropout
 from multidrop.graph import Call
 
-KINDS = ("dropout", "spatial", "gaussian", "alpha", "auto")
+KINDS = ("dropout", "spatial", "gaussian", "alpha", "auto", "stochastic_depth")
 DROPOUT_LAYERS = (
     keras.layers.Dropout,
     keras.layers.SpatialDropout1D,
@@ -39,8 +40,35 @@ def check_rate_value(value, where: str) -> float:
     return float(value)
 
 
+@dataclasses.dataclass(frozen=True)
+class linear:  # noqa: N801 (used as a rate, like a number: rate=multidrop.linear(0.2))
+    """Rates that grow linearly with depth: ``start`` at the first selected site, ``rate``
+    at the last (timm's ``drop_path_rate`` rule, with ``start=0``).
+
+    Example:
+        >>> multidrop.insert_dropout(model, multidrop.linear(0.2), kind="stochastic_depth",
+        ...                          where=multidrop.select.residual_branches())
+    """
+
+    rate: float
+    start: float = 0.0
+
+    def __post_init__(self):
+        check_rate_value(self.rate, " in linear(rate)")
+        check_rate_value(self.start, " in linear(..., start)")
+
+    def rates(self, count: int) -> list[float]:
+        """The ``count`` rates, first site to last."""
+        if count == 1:
+            return [self.rate]
+        step = (self.rate - self.start) / (count - 1)
+        return [self.start + i * step for i in range(count)]
+
+
 def check_rate(rate) -> None:
     """Validate the ``rate`` argument as a whole (its type, and every fixed value)."""
+    if isinstance(rate, linear):
+        return
     if isinstance(rate, Mapping):
         if not rate:
             raise ValueError("rate={} names no layer; give {layer_name: rate} pairs.")
@@ -50,6 +78,13 @@ def check_rate(rate) -> None:
             check_rate_value(value, f" for layer {name!r}")
     elif not callable(rate):
         check_rate_value(rate, "")
+
+
+def resolve_rates(rate, calls: list[Call]) -> list[float | None]:
+    """The rate for each of ``calls`` (None leaves a site untouched)."""
+    if isinstance(rate, linear):
+        return rate.rates(len(calls))
+    return [resolve_rate(rate, call) for call in calls]
 
 
 def resolve_rate(rate, call: Call) -> float | None:
@@ -100,7 +135,13 @@ def resolve_kind(kind, call: Call) -> str:
                 f"{call.outputs[0].shape}. Use kind='dropout' or kind='auto'."
             )
         return _SPATIAL[rank]
-    return {"dropout": "Dropout", "gaussian": "GaussianDropout", "alpha": "AlphaDropout"}[kind]
+    names = {"gaussian": "GaussianDropout", "alpha": "AlphaDropout"}
+    return names.get(kind, "Dropout")  # stochastic depth is a Dropout with a per-sample mask
+
+
+def sample_noise_shape(call: Call) -> tuple:
+    """The noise_shape that drops a sample's whole tensor at once: ``(None, 1, ..., 1)``."""
+    return (None,) + (1,) * (len(call.outputs[0].shape) - 1)
 
 
 def check_noise_shape(noise_shape, kind_name: str, call: Call) -> None:

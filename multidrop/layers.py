@@ -1,4 +1,4 @@
-"""The always-on dropout wrapper of Monte Carlo dropout.
+"""The always-on wrapper of Monte Carlo dropout.
 
 `MonteCarlo` is used with ``mc=True`` and by ``mc_predict``; it is registered
 for serialization, so a model saved with ``mc=True`` loads after ``import multidrop``.
@@ -13,10 +13,13 @@ import keras
 
 @keras.saving.register_keras_serializable(package="multidrop")
 class MonteCarlo(keras.layers.Wrapper):
-    """Runs the wrapped dropout layer in training mode on every call (Monte Carlo dropout)."""
+    """Calls the wrapped layer in training mode on every call (Monte Carlo dropout).
 
-    def call(self, inputs, training=None):
-        return self.layer(inputs, training=True)
+    It wraps a dropout layer (``mc=True``), or, in `multidrop.mc_predict`, a layer
+    whose own dropout is set (attention, recurrent or a keras-hub block's), and
+    passes every argument through, with ``training=True``.
+    """
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
+    def call(self, *args, **kwargs):
+        kwargs["training"] = True
+        return self.layer(*args, **kwargs)

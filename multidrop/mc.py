@@ -26,9 +26,10 @@ import keras
 import numpy as np
 from keras import tree
 
-from multidrop import graph, kinds, rewire
+from multidrop import _keras, fields, graph, kinds
 from multidrop.layers import MonteCarlo
-from multidrop.plan import Plan
+from multidrop.options import check_int
+from multidrop.rebuild import clone_operation, rebuild
 
 MEMORY_BUDGET = 256 * 2**20  # bytes of activations one model call may hold (estimated)
 _VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -37,12 +38,15 @@ _VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def mc_predict(model, x, samples=30, *, batch_size=None, seed=None, return_samples=False):
     """Predict with dropout on and everything else in inference mode.
 
-    Works on any Functional or Sequential model with Dropout-family layers in
-    its graph (nested models included): one built with
+    Works on any Functional or Sequential model with dropout in its graph
+    (nested models included): Dropout-family layers (one built with
     ``multidrop.insert_dropout(..., mc=True)``, with ``mc=False``, or the
-    user's own. Dropout inside a custom layer's ``call()`` stays off.
-    BatchNormalization uses its moving statistics and no variable of
-    ``model`` is written.
+    user's own) and layers whose own dropout is set (``MultiHeadAttention``,
+    RNNs, keras-hub blocks: see `multidrop.set_dropout`), which are called with
+    ``training=True`` unless they hold a BatchNormalization. Dropout inside a
+    custom layer's ``call()`` that has no dropout-rate field stays off.
+    BatchNormalization uses its moving statistics and no variable of ``model``
+    is written (the layers with their own dropout are sampled from copies).
 
     Args:
         model: a Functional or Sequential Keras model with dropout layers.
@@ -53,7 +57,10 @@ def mc_predict(model, x, samples=30, *, batch_size=None, seed=None, return_sampl
             row. ``None`` picks as many as fit ``MEMORY_BUDGET``.
         seed: an int gives the same samples for the same ``x`` and
             ``batch_size`` on every call; ``None`` draws fresh ones (still
-            reproducible after ``keras.utils.set_random_seed``).
+            reproducible after ``keras.utils.set_random_seed``). Dropout built
+            into a layer without a seed of its own (``MultiHeadAttention(dropout=0.1)``)
+            draws from the backend's global RNG: ``keras.utils.set_random_seed``
+            makes it reproducible, ``seed`` does not.
         return_samples: also return every sample, stacked on a new first axis.
 
     Returns:
@@ -65,14 +72,9 @@ def mc_predict(model, x, samples=30, *, batch_size=None, seed=None, return_sampl
         >>> rewired = multidrop.insert_dropout(model, 0.1)
         >>> mean, std = multidrop.mc_predict(rewired, x, samples=50, seed=0)
     """
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be a positive int, got {samples!r}; 30 is a common choice.")
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}.")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int or None, got {seed!r}.")
+    check_int(samples, "samples", minimum=1, hint=" 30 is a common choice.")
+    check_int(batch_size, "batch_size", minimum=1, none=True)
+    check_int(seed, "seed", none=True)
 
     view, dropouts = _mc_view(model)
     inputs = tree.map_structure(np.asarray, x)
@@ -132,38 +134,51 @@ def _mc_view(model) -> tuple[keras.Model, list]:
     """
     graph.check_model(model)
     if model not in _VIEWS:
-        empty = Plan(
-            model_name=model.name, sites=(), where="", kind="dropout", note="",
-            noise_shape=None, recursive=True, share_weights=True, mc=False,
-        )
-        rebuild = _MonteCarloRebuild(empty, remove=())
-        view = rebuild.run(model)
-        if not any(isinstance(layer, MonteCarlo) for layer in view._flatten_layers()):
+        dropouts: list[keras.layers.Layer] = []  # the view's own, in graph order
+        view = rebuild(model, clone=lambda op: _always_on(op, dropouts))
+        if not dropouts and not any(
+            isinstance(layer, MonteCarlo) for layer in _keras.all_layers(view)
+        ):
             raise ValueError(
                 f"Model '{model.name}' has no dropout layers in its graph, so every Monte "
                 "Carlo sample would be the same. Add some first: "
                 "mc_predict(multidrop.insert_dropout(model, 0.1), x)."
             )
-        _VIEWS[model] = view, rebuild.dropouts
+        _VIEWS[model] = view, dropouts
     return _VIEWS[model]
 
 
-class _MonteCarloRebuild(rewire._Rebuild):
-    """A rebuild that shares every layer except dropout, which becomes always on."""
+def _always_on(op, dropouts: list):
+    """How the MC view calls ``op``: a fresh always-on copy of a dropout layer, or of
+    a layer whose own dropout is set (``MultiHeadAttention(dropout=0.1)``, an LSTM's,
+    a keras-hub block's) unless it holds a BatchNormalization; None for a graph model
+    (rebuilt, to reach the dropout inside); every other operation itself, shared.
 
-    def __init__(self, the_plan: Plan, remove):
-        super().__init__(the_plan, remove)
-        self.dropouts: list[keras.layers.Layer] = []  # the view's own, in graph order
+    The copies have their own RNG state, recorded in ``dropouts`` for reseeding, so
+    sampling never writes ``model``'s."""
+    if graph.is_graph_model(op):
+        return None
+    inner = op.layer if isinstance(op, MonteCarlo) else op
+    if isinstance(inner, kinds.DROPOUT_LAYERS):
+        config = {**inner.get_config(), "seed": 0, "name": f"{inner.name}_mc"}
+        fresh = inner.__class__.from_config(config)
+    elif _has_own_dropout(op):
+        fresh = clone_operation(op)
+        fresh.build_from_config(op.get_build_config())
+        _keras.copy_state(op, fresh)
+    else:
+        return op
+    dropouts += [
+        layer for layer in _keras.all_layers(fresh)
+        if isinstance(layer, kinds.DROPOUT_LAYERS) and getattr(layer, "seed_generator", None)
+    ]
+    return MonteCarlo(fresh, name=op.name)
 
-    def operation(self, op):
-        inner = op.layer if isinstance(op, MonteCarlo) else op
-        if isinstance(inner, kinds.DROPOUT_LAYERS) and id(op) not in self.clones:
-            config = {**inner.get_config(), "seed": 0, "name": f"{inner.name}_mc"}
-            fresh = inner.__class__.from_config(config)
-            self.clones[id(op)] = MonteCarlo(fresh, name=op.name)
-            if getattr(fresh, "seed_generator", None) is not None:
-                self.dropouts.append(fresh)
-        return super().operation(op)
+
+def _has_own_dropout(op) -> bool:
+    return isinstance(op, keras.layers.Layer) and any(fields.rate_fields(op).values()) and not any(
+        isinstance(layer, keras.layers.BatchNormalization) for layer in _keras.all_layers(op)
+    )
 
 
 def _reseed(dropouts, seed: int) -> None:

@@ -25,14 +25,19 @@ from collections.abc import Sequence
 from multidrop import kinds, select
 
 
-def check_int(value, name: str, *, minimum: int | None = None, none: bool = False) -> None:
-    """Raise unless ``value`` is an int (not a bool) of at least ``minimum``, or None if allowed."""
+def check_int(value, name: str, *, minimum: int | None = None, none: bool = False,
+              hint: str = "") -> None:
+    """Raise unless ``value`` is an int (not a bool) of at least ``minimum``, or None if allowed.
+
+    A wrong type is a TypeError, a value below ``minimum`` a ValueError; ``hint`` is
+    appended to either message."""
     if none and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int{' or None' * none}, got {value!r}.")
+        raise TypeError(f"{name} must be an int{' or None' * none}, got {value!r}.{hint}")
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be an int of at least {minimum}, got {value!r}.")
+        what = "a positive int" if minimum == 1 else f"an int of at least {minimum}"
+        raise ValueError(f"{name} must be {what}{' or None' * none}, got {value!r}.{hint}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +91,11 @@ class Options:
                     f"noise_shape must be a tuple such as (None, 1, 64), got {self.noise_shape!r}."
                 )
             object.__setattr__(self, "noise_shape", tuple(self.noise_shape))
+            if self.kind == "stochastic_depth":
+                raise ValueError(
+                    "kind='stochastic_depth' sets its own noise_shape, (None, 1, ..., 1), to "
+                    "drop each sample's whole branch; drop noise_shape, or use kind='dropout'."
+                )
         _check_flags(self, "include_outputs", "recursive", "share_weights", "mc")
 
     @property

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import io
 import re
 from collections.abc import Mapping, Sequence
 
-import rich.console
-import rich.table
+import keras
 
-from multidrop import graph, kinds, select
+from multidrop import _keras, graph, kinds, rebuild, render
 from multidrop.graph import Call
+from multidrop.layers import MonteCarlo
+from multidrop.options import Options, build, signature_of
 
 MARK = "_multidrop"
 _ADDED = re.compile(rf"{MARK}(_\d+)?$")
@@ -40,9 +40,11 @@ class Site:
     Attributes:
         call: the layer or op call the dropout follows.
         rate: the dropout rate.
-        kind: the class name of the inserted layer (``Dropout``, ``SpatialDropout2D``...).
+        kind: the class name of the inserted dropout (``Dropout``, ``SpatialDropout2D``...).
         name: the inserted layer's name.
         seed: the inserted layer's seed (None when unseeded).
+        layer: the layer insertion puts there, already built from the options
+            (a `multidrop.layers.MonteCarlo` around the dropout with ``mc=True``).
     """
 
     call: Call = dataclasses.field(repr=False)
@@ -50,6 +52,7 @@ class Site:
     kind: str
     name: str
     seed: int | None
+    layer: keras.layers.Layer = dataclasses.field(repr=False, compare=False)
 
     @property
     def qualname(self) -> str:
@@ -63,20 +66,17 @@ class Site:
 
 @dataclasses.dataclass(frozen=True)
 class Plan(Sequence):
-    """The sites ``insert_dropout`` fills, with the options it fills them with.
+    """The whole decision of ``insert_dropout``: every site, with the layer it gets.
 
     A plan is a sized, iterable sequence of `Site`; ``str(plan)`` is a table.
+    Every layer is built and every option checked when the plan is made, so a plan
+    that succeeds is an insertion that succeeds.
     """
 
     model_name: str
     sites: tuple[Site, ...]
-    where: str
-    kind: object
+    options: Options
     note: str
-    noise_shape: tuple | None
-    recursive: bool
-    share_weights: bool
-    mc: bool
 
     def __len__(self) -> int:
         return len(self.sites)
@@ -84,49 +84,48 @@ class Plan(Sequence):
     def __getitem__(self, i):
         return self.sites[i]
 
-    def table(self) -> rich.table.Table:
+    @property
+    def after(self) -> dict:
+        """``{node: layer}``, what `multidrop.rebuild.rebuild` puts after which call."""
+        return {site.call.node: site.layer for site in self.sites}
+
+    def table(self):
         """The plan as a ``rich`` table."""
-        table = rich.table.Table(
-            title=f"multidrop plan for '{self.model_name}': {len(self)} dropout "
-            f"layer{'s' * (len(self) != 1)} (where={self.where}{', mc=True' * self.mc})",
-            title_justify="left",
-            caption=self.note or None,
-            caption_justify="left",
+        mc = ", mc=True" * self.options.mc
+        table = render.table(
+            f"multidrop plan for '{self.model_name}': {len(self)} dropout "
+            f"layer{'s' * (len(self) != 1)} (where={self.options.selector.text}{mc})",
+            ("#", "after", "layer", "output shape", "inserts", "#rate", "new layer"),
+            caption="; ".join(filter(None, (self.note, self.saved_as()))),
         )
-        for column in ("#", "after", "layer", "output shape", "inserts", "rate", "new layer"):
-            table.add_column(column, justify="right" if column in ("#", "rate") else "left")
         for i, site in enumerate(self.sites):
             call = site.qualname + (f" (call {site.call.index + 1})" if site.call.index else "")
             table.add_row(
                 str(i), call, type(site.call.operation).__name__, str(site.shape),
-                site.kind, f"{site.rate:g}", site.name,
+                _class_label(site.layer), f"{site.rate:g}", site.name,
             )
         return table
 
+    def saved_as(self) -> str:
+        """A note for the layers multidrop makes that are saved under a Keras name."""
+        inner = {type(getattr(s.layer, "layer", s.layer)) for s in self.sites}
+        names = {cls: _keras.saved_name(cls) for cls in inner if cls.__module__.startswith("multidrop")}
+        return "; ".join(
+            f"multidrop.{cls.__name__} is saved as {name}, so the file loads without multidrop"
+            for cls, name in names.items() if name
+        )
+
     def __str__(self) -> str:
-        buffer = io.StringIO()
-        console = rich.console.Console(file=buffer, width=140, color_system=None)
-        console.print(self.table())
-        return buffer.getvalue()
+        return render.text(self.table())
 
 
-def plan(
-    model,
-    rate,
-    where="activations",
-    *,
-    kind="dropout",
-    noise_shape=None,
-    seed=None,
-    include_outputs=False,
-    recursive=True,
-    share_weights=False,
-    mc=False,
-) -> Plan:
-    """Dry run of `insert_dropout`: the sites it fills, and how. Builds nothing.
+@signature_of(Options, "model")
+def plan(model, rate, where="activations", **options) -> Plan:
+    """Dry run of `insert_dropout`: the sites it fills, and how. Changes nothing.
 
-    Takes the same arguments as `multidrop.insert_dropout` and raises the same
-    errors, so a plan that succeeds is one insertion will carry out.
+    Takes the same arguments as `multidrop.insert_dropout` (see `multidrop.options.Options`)
+    and raises the same errors: the plan builds every layer insertion would add, so a
+    plan that succeeds is one insertion carries out.
 
     Returns:
         A `Plan`: ``len(plan)`` is the number of dropout layers insertion adds,
@@ -135,53 +134,91 @@ def plan(
     Example:
         >>> print(multidrop.plan(model, {"fc1": 0.5, "fc2": 0.3}, where=["fc1", "fc2"]))
     """
-    graph.check_model(model)
-    kinds.check_rate(rate)
-    kinds.check_kind(kind)
-    selector = select.coerce(where)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int or None, got {seed!r}.")
-    if noise_shape is not None and not isinstance(noise_shape, Sequence):
-        raise TypeError(f"noise_shape must be a tuple such as (None, 1, 64), got {noise_shape!r}.")
+    return decide(model, build(Options, "plan", rate=rate, where=where, **options))
 
-    calls = graph.walk(model, recursive=recursive)
-    reasons = {id(c): _why_not(c, include_outputs, mc) for c in calls}
+
+def decide(model, opts: Options) -> Plan:
+    """The plan for ``model`` under ``opts`` (already validated)."""
+    graph.check_model(model)
+    selector = opts.selector
+    calls = graph.walk(model, recursive=opts.recursive)
+    reasons = {id(c): _why_not(c, opts.include_outputs, opts.mc) for c in calls}
     candidates = [c for c in calls if reasons[id(c)] is None]
-    rate_names = tuple(rate) if isinstance(rate, Mapping) else ()
-    _check_names(selector.names + rate_names, calls, reasons, model, recursive)
+    rate_names = tuple(opts.rate) if isinstance(opts.rate, Mapping) else ()
+    _check_names(selector.names + rate_names, calls, reasons, model, opts.recursive)
     chosen = [c for c, keep in zip(candidates, selector(candidates)) if keep]
-    inert = sum(1 for c in calls if c.inference_only and not mc)
-    note = f"; {inert} layers inside models called with training=False are skipped" * bool(inert)
+    note = _skipped_note(calls, opts.mc)
     if not chosen:
         raise ValueError(
             f"where={selector} matched no site in model '{model.name}' "
-            f"({len(candidates)} candidate sites; outputs skipped unless include_outputs=True{note}). "
-            "Check the selector with multidrop.plan(), or pick sites by name"
-            + (f": where={[c.name for c in candidates[:3]]}." if candidates else ".")
+            f"({len(candidates)} candidate sites; outputs skipped unless include_outputs=True"
+            f"{'; ' + note if note else ''}). Check the selector with multidrop.plan(), or pick "
+            "sites by name" + (f": where={[c.name for c in candidates[:3]]}." if candidates else ".")
         )
     _check_rate_names(rate_names, chosen, selector)
 
+    rates = kinds.resolve_rates(opts.rate, chosen)
     taken = {c.name for c in calls} | _input_names(model, calls)
     sites = []
-    for call in chosen:
-        value = kinds.resolve_rate(rate, call)
+    for call, value in zip(chosen, rates):
         if value is None:
             continue
-        kind_name = kinds.resolve_kind(kind, call)
-        kinds.check_noise_shape(noise_shape, kind_name, call)
+        kind_name = kinds.resolve_kind(opts.kind, call)
+        kinds.check_noise_shape(opts.noise_shape, kind_name, call)
+        noise_shape = (
+            kinds.sample_noise_shape(call) if opts.kind == "stochastic_depth" else opts.noise_shape
+        )
         name = _new_name(call, taken)
         taken.add(name)
-        site_seed = None if seed is None else seed + len(sites)
-        sites.append(Site(call, value, kind_name, name, site_seed))
+        seed = None if opts.seed is None else opts.seed + len(sites)
+        layer = _site_layer(opts, kind_name, value, call, seed, name, noise_shape)
+        sites.append(Site(call, value, kind_name, name, seed, layer))
     if not sites:
         raise ValueError(
             f"rate returned None for all {len(chosen)} sites that where={selector} "
             "selected, so nothing would be inserted. Return a rate for the sites to keep."
         )
-    return Plan(
-        model.name, tuple(sites), selector.text, kind, note.lstrip("; "),
-        None if noise_shape is None else tuple(noise_shape), recursive, share_weights, mc,
+    if not opts.share_weights:
+        _check_clonable(calls)
+    return Plan(model.name, tuple(sites), opts, note)
+
+
+def _site_layer(opts: Options, kind_name: str, rate: float, call: Call, seed, name, noise_shape):
+    inner = kinds.make_layer(
+        opts.kind, kind_name, rate, call, noise_shape=noise_shape, seed=seed, name=name
     )
+    if not opts.mc:
+        inner.name = name
+        return inner
+    inner.name = f"{name}_inner"
+    return MonteCarlo(inner, name=name, dtype=inner.dtype_policy)
+
+
+def _class_label(layer) -> str:
+    """``keras.SpatialDropout2D``, ``multidrop.Dropout (None, 1, 1)`` or ``mc(...)``."""
+    if isinstance(layer, MonteCarlo):
+        return f"mc({_class_label(layer.layer)})"
+    noise = getattr(layer, "noise_shape", None)
+    label = f"{type(layer).__module__.split('.')[0]}.{type(layer).__name__}"
+    return label + (f" {tuple(noise)}" if noise is not None else "")
+
+
+def _skipped_note(calls, mc: bool) -> str:
+    if mc:
+        return ""
+    inert = sum(1 for c in calls if c.inference_only)
+    forced = sum(1 for c in calls if c.training_forced and not c.inference_only)
+    parts = [f"{inert} layers inside models called with training=False are skipped"] * bool(inert)
+    parts += [f"{forced} layers inside models called with training=True are skipped"] * bool(forced)
+    return "; ".join(parts)
+
+
+def _check_clonable(calls) -> None:
+    """Clone every layer from its config once, so a layer that cannot be cloned is
+    refused now, by name, rather than halfway through the rebuild."""
+    for call in calls:
+        if call.index == 0 and not graph.is_graph_model(call.operation):
+            rebuild.clone_operation(call.operation)
 
 
 def _why_not(call: Call, include_outputs: bool, mc: bool) -> str | None:
@@ -199,6 +236,12 @@ def _why_not(call: Call, include_outputs: bool, mc: bool) -> str | None:
             f"model '{call.path[-1]}' is called with training=False, so a dropout inside it would "
             "never be active; pass mc=True for dropout that is always on, or call the "
             "nested model without training=False"
+        )
+    if call.training_forced and not mc:
+        return (
+            f"model '{call.path[-1]}' is called with training=True written into the graph, so a "
+            "dropout inside it would be active at inference too; pass mc=True if you want "
+            "always-on dropout there, or call the nested model without training=True"
         )
     return None
 

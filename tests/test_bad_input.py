@@ -138,7 +138,7 @@ CASES = [
     case("where-inert-site", frozen_backbone, lambda m: insert(m, 0.2, where=["b1"]),
          ValueError, r"after layer 'b1': model 'bb' is called with training=False.*mc=True"),
     case("select-first-zero", None, lambda m: select.first(0),
-         ValueError, r"select\.first\(n\) needs a positive int, got n=0"),
+         ValueError, r"n of select\.first\(n\) must be a positive int, got 0"),
     case("select-layers-str", None, lambda m: select.layers("Dense"),
          TypeError, r"select\.layers\(\) takes layer classes"),
     case("seed-float", mlp, lambda m: insert(m, 0.2, seed=0.5),

@@ -12,7 +12,7 @@ gets the plan, the insertion and the verification.
 
 Example:
     >>> from multidrop import demo
-    >>> demo.run(options=dict(rate=0.1), epochs=5, out="results")
+    >>> demo.run(options=Options(0.1), epochs=5, out="results")
 """
 
 from __future__ import annotations
@@ -30,31 +30,32 @@ import rich.table
 
 import multidrop
 from multidrop.demo import digits
+from multidrop.options import Options
 
 PNG_NAME = "multidrop_demo_uncertain.png"
 SHOWN = 12  # uncertain digits in the table and the picture
 
 
-def run(model=None, *, options, epochs=5, samples=30, out=".", console=None) -> None:
+def run(model=None, *, options: Options, epochs=5, samples=30, out=".", console=None) -> None:
     """Run the demo and print each stage.
 
     Args:
         model: a Keras model, or None for the bundled digits CNN.
-        options: keyword arguments for `multidrop.insert_dropout` (``rate`` at least).
+        options: the `multidrop.options.Options` to insert dropout with.
         epochs: fine-tuning epochs for each of the two runs.
         samples: Monte Carlo samples per test digit.
         out: folder for the PNG of the most uncertain digits.
         console: a ``rich`` console to print to (default: stdout).
     """
     console = console or rich.console.Console()
-    seed = 0 if options.get("seed") is None else options["seed"]
+    seed = 0 if options.seed is None else options.seed
     keras.utils.set_random_seed(seed)  # the same run every time, dropout masks included
     if model is None:
         model = keras.saving.load_model(digits.MODEL_PATH)
     console.rule(f"multidrop demo: '{model.name}' on {keras.backend.backend()}")
-    plan = multidrop.plan(model, **options)
+    plan = multidrop.plan(model, **options.changed())
     console.print(plan.table())
-    rewired = multidrop.insert_dropout(model, **options)
+    rewired = multidrop.insert_dropout(model, **options.changed())
 
     data = _digits_for(model)
     x_check = data[2][0][:64] if data else None
