@@ -9,7 +9,7 @@ from models import multi_io, nested_embedding
 
 import multidrop
 from multidrop import cli
-from multidrop.verify import VerificationError, sample_inputs
+from multidrop.verify import TOLERANCES, VerificationError, sample_inputs, tolerance_for
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,10 @@ def test_missing_backends_are_skipped_not_crashed(model, monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None)
     report = multidrop.cross_backend(model, rate=0.2)
     assert [(r.backend, r.status) for r in report.runs] == [
-        ("torch", "skipped"), ("jax", "skipped"), ("tensorflow", "skipped")]
+        ("torch", "skipped"),
+        ("jax", "skipped"),
+        ("tensorflow", "skipped"),
+    ]
     assert not report.ok and report.pairs == () and report.skipped == ["torch", "jax", "tensorflow"]
     assert "jax is not installed" in str(report)
 
@@ -116,6 +119,23 @@ def test_cross_backend_checks_its_arguments(model):
         multidrop.cross_backend(model, rate=0.2, tolerances={"tol": 1e-3})
     with pytest.raises(ValueError, match="atol"):
         multidrop.cross_backend(model, rate=0.2, tolerances={"atol": -1})
+
+
+def test_cross_backend_takes_the_insert_options_and_shows_the_changed_ones(model, monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None)
+    report = multidrop.cross_backend(model, rate=0.2, where="activations", kind="auto", seed=None)
+    assert report.options == "rate=0.2, kind='auto'"  # the defaults are left out
+    assert "5 dropout layers inserted (rate=0.2, kind='auto')" in str(report)
+    with pytest.raises(TypeError, match="cross_backend.*'sead'.*seed"):
+        multidrop.cross_backend(model, rate=0.2, sead=7)
+
+
+def test_tolerance_for_reads_the_table_by_dtype():
+    assert tolerance_for("float32") == TOLERANCES["float32"] == (1e-5, 1e-4)
+    assert tolerance_for(np.dtype("float16")) == TOLERANCES["float16"]
+    assert tolerance_for("bfloat16") == TOLERANCES["bfloat16"]
+    with pytest.raises(ValueError, match="'int32'.*float64"):
+        tolerance_for("int32")
 
 
 def one_line_error(capsys) -> str:
