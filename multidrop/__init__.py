@@ -14,14 +14,31 @@ Keras has not been imported yet and PyTorch is installed; an explicit
 from multidrop import _keras  # first: picks the default backend before Keras loads
 from multidrop import select
 from multidrop.kinds import linear
-from multidrop.mc import mc_predict, predictive_entropy
+from multidrop.mc import mc_predict
 from multidrop.options import Options
 from multidrop.plan import Plan, Site, plan
 from multidrop.rewire import insert_dropout, remove_dropout, set_dropout, set_plan
+from multidrop.uncertainty import (
+    UncertaintyReport,
+    evaluate_uncertainty,
+    expected_entropy,
+    fit_temperature,
+    mutual_information,
+    predictive_entropy,
+    temperature_scale,
+    variation_ratio,
+)
 from multidrop.verify import cross_backend, verify
 
 __all__ = [
     "Options",
+    "UncertaintyReport",
+    "evaluate_uncertainty",
+    "expected_entropy",
+    "fit_temperature",
+    "mutual_information",
+    "temperature_scale",
+    "variation_ratio",
     "Plan",
     "Site",
     "cross_backend",

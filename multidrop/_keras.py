@@ -20,6 +20,9 @@ import contextlib
 import importlib.util
 import os
 import sys
+import tempfile
+
+import numpy as np
 
 TESTED = ("3.15.1",)
 
@@ -49,6 +52,7 @@ from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
 from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv  # noqa: E402
 from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv  # noqa: E402
 from keras.src.models.functional import Functional  # noqa: E402
+from keras.src.saving import saving_lib  # noqa: E402
 
 CONV_LAYERS = (BaseConv, BaseConvTranspose, BaseDepthwiseConv, BaseSeparableConv)
 
@@ -67,6 +71,12 @@ def saved_name(cls: type) -> str | None:
 def sequential_graph(model) -> Functional | None:
     """The Functional graph a built Sequential keeps, or None when it recorded none."""
     return model._functional
+
+
+def sequential_input(model):
+    """The InputLayer a Sequential starts with (given, or added by ``build``), or None."""
+    first = model._layers[0] if model._layers else None
+    return first if isinstance(first, keras.layers.InputLayer) else None
 
 
 def nodes_by_depth(graph) -> dict:
@@ -92,6 +102,52 @@ def producer(tensor):
     return tensor._keras_history.operation
 
 
+def output_rank(layer) -> int:
+    """The rank of ``layer``'s (first) output in its first call."""
+    return len(layer._inbound_nodes[0].outputs[0].shape)
+
+
 def is_called(layer) -> bool:
     """True once ``layer`` has been called on symbolic inputs (it is in some graph)."""
     return bool(layer._inbound_nodes)
+
+
+def copy_state(old, new) -> None:
+    """Copy ``old``'s state into ``new`` (same class, built) the way a ``.keras`` file does:
+    each layer's ``save_own_variables``/``load_own_variables`` and ``save_assets``/
+    ``load_assets``, recursively through sublayers. Raises when the two do not match."""
+    with tempfile.TemporaryDirectory(prefix="multidrop-state-") as folder:
+        weights, assets = _MemoryStore(), saving_lib.DiskIOStore(folder, mode="r")
+        saving_lib._save_state(old, weights, assets, "", set())
+        failed, errors = set(), {}
+        saving_lib._load_state(new, weights, assets, "", None, set(), failed, errors)
+    if errors:
+        layer, error = next(iter(errors.values()))
+        raise ValueError(f"{type(layer).__name__} '{layer.name}': {error}")
+    unread = {path for path, values in weights.contents.items() if values} - weights.read
+    if unread:
+        raise ValueError(f"the clone has no place for the original's state at {sorted(unread)}")
+
+
+class _MemoryStore(saving_lib.NpzIOStore):
+    """The variable store of a ``.keras`` file, kept in memory."""
+
+    def __init__(self):
+        self.contents: dict = {}
+        self.read: set = set()
+
+    def make(self, path, metadata=None):
+        self.contents[path] = _Copies()
+        return self.contents[path]
+
+    def get(self, path):
+        self.read.add(path)
+        return self.contents.get(path, {})
+
+
+class _Copies(dict):
+    """Keeps a copy of each value, as a file does: a clone must not hold the original's
+    JAX buffers, which ``fit`` and ``predict`` donate (delete) on the JAX backend."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, np.array(value))

@@ -13,12 +13,13 @@ batch is repeated ``samples`` times and cut into calls that fit a memory budget.
 
 Example:
     >>> mean, std = multidrop.mc_predict(model, x_test, samples=30, seed=0)
-    >>> entropy = multidrop.predictive_entropy(mean)     # high = uncertain
+    >>> entropy = multidrop.predictive_entropy(mean)     # high = uncertain (multidrop.uncertainty)
     >>> x_test[entropy.argsort()[-10:]]                  # the ten least certain inputs
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import weakref
 
@@ -35,7 +36,17 @@ MEMORY_BUDGET = 256 * 2**20  # bytes of activations one model call may hold (est
 _VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def mc_predict(model, x, samples=30, *, batch_size=None, seed=None, return_samples=False):
+def mc_predict(
+    model,
+    x,
+    samples=30,
+    *,
+    batch_size=None,
+    seed=None,
+    return_samples=False,
+    cache=True,
+    consistent=False,
+):
     """Predict with dropout on and everything else in inference mode.
 
     Works on any Functional or Sequential model with dropout in its graph
@@ -62,6 +73,13 @@ def mc_predict(model, x, samples=30, *, batch_size=None, seed=None, return_sampl
             draws from the backend's global RNG: ``keras.utils.set_random_seed``
             makes it reproducible, ``seed`` does not.
         return_samples: also return every sample, stacked on a new first axis.
+        cache: run the deterministic trunk (every call not downstream of a
+            dropout) once per input, and only the stochastic rest ``samples``
+            times. The samples are the same as with ``cache=False``.
+        consistent: sample *k* uses the same dropout masks for every input, so
+            each sample is one network of the ensemble (what BALD and active
+            learning assume). Needs standalone dropout layers: built-in dropout
+            inside a layer cannot share its masks across inputs.
 
     Returns:
         ``(mean, std)`` NumPy arrays shaped like one prediction, or
@@ -76,23 +94,35 @@ def mc_predict(model, x, samples=30, *, batch_size=None, seed=None, return_sampl
     check_int(batch_size, "batch_size", minimum=1, none=True)
     check_int(seed, "seed", none=True)
 
-    view, dropouts = _mc_view(model)
+    view = _mc_view(model, consistent)
     inputs = tree.map_structure(np.asarray, x)
     n = len(tree.flatten(inputs)[0])
     if n == 0:
         raise ValueError("x has no rows; pass at least one input, batch first.")
-    rows = n if _mask_spans_batch(dropouts) else batch_size or _rows_within_budget(view)
-    _reseed(dropouts, random.randint(0, 2**30) if seed is None else seed)
+    seed = random.randint(0, 2**30) if seed is None else seed
+    if cache and view.head is not None:
+        inputs = _in_chunks(view.trunk, inputs, n, batch_size or _rows_within_budget(view.trunk))
+        runner = view.head
+    else:
+        runner = view.model
+    if consistent or _mask_spans_batch(view.dropouts):
+        rows = n  # one sample of every input per call: a mask spans the batch
+    else:
+        rows = batch_size or _rows_within_budget(runner)
+    _reseed(view.dropouts, seed)
 
     # Row r of the repeated batch is input r % n in sample r // n. Every call gets the
     # same number of rows (the last one runs past the end, and its extra rows are
     # dropped) so that JAX and TensorFlow compile the model once.
     total = n * samples
     rows = min(rows, total)
-    chunks = [
-        view.predict_on_batch(tree.map_structure(lambda a: a[np.arange(i, i + rows) % n], inputs))
-        for i in range(0, total, rows)
-    ]
+    chunks = []
+    for k, i in enumerate(range(0, total, rows)):
+        if consistent:
+            _reseed(view.dropouts, seed, count=k)
+        chunks.append(
+            runner.predict_on_batch(tree.map_structure(lambda a: a[np.arange(i, i + rows) % n], inputs))
+        )
     drawn = tree.map_structure(
         lambda *parts: np.concatenate(parts)[:total].reshape(samples, n, *parts[0].shape[1:]),
         *chunks,
@@ -102,53 +132,80 @@ def mc_predict(model, x, samples=30, *, batch_size=None, seed=None, return_sampl
     return (mean, std, drawn) if return_samples else (mean, std)
 
 
-def predictive_entropy(mean_probs, axis=-1):
-    """Entropy (in nats) of averaged class probabilities: 0 when certain, log(k) at most.
+def _in_chunks(model, inputs, n: int, rows: int):
+    """``model.predict_on_batch(inputs)`` in calls of at most ``rows`` rows, concatenated."""
+    parts = [
+        model.predict_on_batch(tree.map_structure(lambda a: a[i : i + rows], inputs))
+        for i in range(0, n, rows)
+    ]
+    return tree.map_structure(lambda *p: np.concatenate(p), *parts)
 
-    Args:
-        mean_probs: class probabilities, e.g. the ``mean`` of `mc_predict` on a
-            model that ends in a softmax.
-        axis: the class axis.
 
-    Example:
-        >>> mean, _ = multidrop.mc_predict(model, x)
-        >>> multidrop.predictive_entropy(mean).argmax()      # the least certain input
+@dataclasses.dataclass(frozen=True)
+class _View:
+    """The MC view of a model, and its split into a deterministic trunk and a stochastic head.
+
+    Attributes:
+        model: the whole view: every dropout always on, everything else shared.
+        dropouts: the view's own dropout layers, in graph order (for reseeding).
+        trunk: the calls no dropout reaches, from the inputs to ``head``'s inputs.
+        head: the rest, from the tensors where dropout begins to the outputs; None
+            when dropout begins at the inputs, so nothing is worth caching.
     """
-    p = np.asarray(mean_probs, dtype="float64")
-    if p.size == 0 or np.any(p < 0) or not np.allclose(p.sum(axis=axis), 1, atol=1e-3):
-        raise ValueError(
-            "predictive_entropy needs probabilities that sum to 1 along axis "
-            f"{axis}; got values in [{p.min() if p.size else 'empty'}, "
-            f"{p.max() if p.size else 'empty'}]. If the model outputs logits, "
-            "apply keras.ops.softmax (or end the model in a softmax) first."
-        )
-    return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), axis=axis)
+
+    model: keras.Model
+    dropouts: list
+    trunk: keras.Model | None
+    head: keras.Model | None
 
 
-def _mc_view(model) -> tuple[keras.Model, list]:
-    """``model`` with every Dropout-family layer always on and all other layers
-    shared, and the view's own (fresh) dropout layers. Built once per model.
+def _mc_view(model, consistent: bool = False) -> _View:
+    """The MC view of ``model``, built once per model (and mode).
 
     The dropout layers are copies, so drawing samples never touches ``model``'s
     RNG state.
     """
     graph.check_model(model)
-    if model not in _VIEWS:
+    views = _VIEWS.setdefault(model, {})
+    if consistent not in views:
         dropouts: list[keras.layers.Layer] = []  # the view's own, in graph order
-        view = rebuild(model, clone=lambda op: _always_on(op, dropouts))
-        if not dropouts and not any(
-            isinstance(layer, MonteCarlo) for layer in _keras.all_layers(view)
-        ):
+        view = rebuild(model, clone=lambda op: _always_on(op, dropouts, consistent))
+        if not any(isinstance(layer, MonteCarlo) for layer in _keras.all_layers(view)):
             raise ValueError(
                 f"Model '{model.name}' has no dropout layers in its graph, so every Monte "
                 "Carlo sample would be the same. Add some first: "
                 "mc_predict(multidrop.insert_dropout(model, 0.1), x)."
             )
-        _VIEWS[model] = view, dropouts
-    return _VIEWS[model]
+        views[consistent] = _View(view, dropouts, *_split(view))
+    return views[consistent]
 
 
-def _always_on(op, dropouts: list):
+def _split(view) -> tuple:
+    """``(trunk, head)``: the view cut where dropout begins (see `_View`)."""
+    whole = graph.graph_of(view)
+    if not isinstance(whole, _keras.Functional):
+        return None, None
+    random_ids: set[int] = set()
+    frontier: dict[int, object] = {}
+    for node in graph.nodes(view):
+        op = node.operation
+        stochastic = any(isinstance(layer, MonteCarlo) for layer in _keras.all_layers(op)) or any(
+            id(t) in random_ids for t in node.input_tensors
+        )
+        if stochastic:
+            random_ids.update(id(t) for t in node.outputs)
+            frontier.update((id(t), t) for t in node.input_tensors if id(t) not in random_ids)
+    frontier.update((id(t), t) for t in whole.outputs if id(t) not in random_ids)
+    cut = list(frontier.values())
+    if {id(t) for t in cut} <= {id(t) for t in whole.inputs}:
+        return None, None
+    inputs = tree.pack_sequence_as(_keras.inputs_struct(whole), list(whole.inputs))
+    outputs = tree.pack_sequence_as(_keras.outputs_struct(whole), list(whole.outputs))
+    cut = cut[0] if len(cut) == 1 else cut
+    return keras.Model(inputs, cut), keras.Model(cut, outputs)
+
+
+def _always_on(op, dropouts: list, consistent: bool):
     """How the MC view calls ``op``: a fresh always-on copy of a dropout layer, or of
     a layer whose own dropout is set (``MultiHeadAttention(dropout=0.1)``, an LSTM's,
     a keras-hub block's) unless it holds a BatchNormalization; None for a graph model
@@ -161,8 +218,17 @@ def _always_on(op, dropouts: list):
     inner = op.layer if isinstance(op, MonteCarlo) else op
     if isinstance(inner, kinds.DROPOUT_LAYERS):
         config = {**inner.get_config(), "seed": 0, "name": f"{inner.name}_mc"}
+        if consistent:
+            config["noise_shape"] = _shared_across_batch(inner, op)
         fresh = inner.__class__.from_config(config)
     elif _has_own_dropout(op):
+        if consistent:
+            raise ValueError(
+                f"consistent=True needs standalone dropout layers, but {type(op).__name__} "
+                f"'{op.name}' has dropout built in, which draws a mask per input. Pass "
+                "consistent=False, or set its rate to 0 with multidrop.set_dropout and insert "
+                "dropout after it with multidrop.insert_dropout."
+            )
         fresh = clone_operation(op)
         fresh.build_from_config(op.get_build_config())
         _keras.copy_state(op, fresh)
@@ -181,11 +247,22 @@ def _has_own_dropout(op) -> bool:
     )
 
 
-def _reseed(dropouts, seed: int) -> None:
-    """Give dropout layer ``i`` the RNG state ``[seed + i, 0]``."""
+def _shared_across_batch(inner, op) -> tuple:
+    """A noise_shape with 1 on the batch axis: one mask for every input of a call."""
+    if "noise_shape" not in inner.get_config():
+        raise ValueError(
+            f"consistent=True cannot share the masks of {type(inner).__name__} '{op.name}' "
+            "across inputs; use kind='dropout' for the layers you sample, or consistent=False."
+        )
+    shape = inner.noise_shape or (None,) * _keras.output_rank(op)
+    return (1, *shape[1:])
+
+
+def _reseed(dropouts, seed: int, count: int = 0) -> None:
+    """Give dropout layer ``i`` the RNG state ``[seed + i, count]``."""
     for i, layer in enumerate(dropouts):
         state = layer.seed_generator.state
-        state.assign(np.array([seed + i, 0], dtype=state.dtype))
+        state.assign(np.array([seed + i, count], dtype=state.dtype))
 
 
 def _mask_spans_batch(dropouts) -> bool:

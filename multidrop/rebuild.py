@@ -92,13 +92,14 @@ def rebuild(
 
 def clone_operation(op) -> keras.Operation:
     """A new operation like ``op``, from its config (no state yet)."""
-    return clone_with_config(op, op.get_config())
+    return clone_with_config(op)
 
 
-def clone_with_config(op, config: dict) -> keras.Operation:
-    """A new operation of ``op``'s class from ``config``, or a TypeError naming the way out."""
+def clone_with_config(op, changes: dict | None = None) -> keras.Operation:
+    """A new operation of ``op``'s class from its config updated with ``changes``, or a
+    TypeError naming the way out."""
     try:
-        return op.__class__.from_config(config)
+        return op.__class__.from_config({**op.get_config(), **(changes or {})})
     except Exception as error:
         raise TypeError(
             f"multidrop cannot clone {type(op).__name__} '{op.name}': "

@@ -127,7 +127,7 @@ def set_dropout(model, rate, where=None, **options) -> keras.Model:
 
     def clone(op):
         if id(op) in new:
-            return clone_with_config(op, {**op.get_config(), **new[id(op)]})
+            return clone_with_config(op, new[id(op)])
         if graph.is_graph_model(op) and op.name in inside:
             return None  # its class cannot express a change inside it: rebuilt as Functional
         return base(op)

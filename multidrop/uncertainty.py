@@ -33,6 +33,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from multidrop import render
+from multidrop.mc import mc_predict
 
 BINS = 15  # calibration bins, as in Guo et al. (2017)
 TEMPERATURES = (1e-2, 1e2)  # the range temperature scaling searches
@@ -517,7 +518,6 @@ def evaluate_uncertainty(
 
 def _mc_samples(model, x, samples, seed, batch_size) -> np.ndarray:
     """``mc_predict``'s samples as float64 ``(samples, inputs, classes)``, or a clear error."""
-    from multidrop.mc import mc_predict  # on use, so that mc may import the measures from here
 
     drawn = mc_predict(model, x, samples, seed=seed, batch_size=batch_size, return_samples=True)[2]
     if not isinstance(drawn, np.ndarray):

@@ -468,7 +468,7 @@ def check_sites(the_plan, model, rewired, include_outputs: bool) -> None:
     assert len(new) - len(old) == len(the_plan)
     for site in the_plan:
         layer = new[site.name]
-        assert type(layer).__name__ == ("Dropout" if callable(the_plan.kind) else site.kind)
+        assert type(layer).__name__ == ("Dropout" if callable(the_plan.options.kind) else site.kind)
         assert layer.rate == site.rate
         (node,) = layer._inbound_nodes
         assert node.input_tensors[0]._keras_history.operation.name == site.call.name

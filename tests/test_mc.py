@@ -152,3 +152,52 @@ def test_vectorized_sampling_is_at_least_3x_faster_than_a_loop():
     rounds = [(seconds(loop), seconds(vectorized)) for _ in range(9)]
     speedup = np.median([a / b for a, b in rounds])
     assert speedup >= 3, f"mc_predict only {speedup:.1f}x faster than a loop: {rounds}"
+
+
+# ----------------------------------------------------------------- trunk caching, consistent masks
+
+
+def head_only(model):
+    """Dropout after the last activation only: the fine-tuning setup trunk caching is for."""
+    return multidrop.insert_dropout(model, 0.3, where=multidrop.select.activations()
+                                    & multidrop.select.last(1), seed=2)
+
+
+def test_cached_trunk_gives_the_uncached_samples():
+    """Same seed, same masks: the samples agree up to the float rounding of the trunk, which
+    runs on n rows instead of n * samples (BLAS may pick another kernel for another batch)."""
+    rewired = head_only(mlp_bn())
+    view = multidrop.mc._mc_view(rewired)
+    assert view.head is not None and len(view.head.layers) < len(view.model.layers)
+    cached = multidrop.mc_predict(rewired, X, 12, seed=3, return_samples=True)[2]
+    plain = multidrop.mc_predict(rewired, X, 12, seed=3, return_samples=True, cache=False)[2]
+    np.testing.assert_allclose(cached, plain, rtol=1e-5, atol=1e-6)
+    assert np.all(cached.std(axis=0) > 0)
+
+
+def test_dropout_at_the_input_leaves_nothing_to_cache():
+    x = keras.Input((16,))
+    h = layers.Dropout(0.2, name="input_dropout")(x)
+    model = randomize(keras.Model(x, layers.Dense(3)(layers.Dense(8, activation="relu")(h))))
+    assert multidrop.mc._mc_view(model).head is None
+    assert np.all(multidrop.mc_predict(model, X, 5, seed=0)[1] > 0)
+
+
+def test_consistent_masks_are_shared_by_inputs_and_differ_between_samples():
+    rewired = multidrop.insert_dropout(mlp_bn(), 0.3)
+    same = np.repeat(X[:1], 6, axis=0)  # six copies of one input: one answer per network
+    samples = multidrop.mc_predict(rewired, same, 5, seed=0, consistent=True, return_samples=True)[2]
+    for k in range(5):
+        np.testing.assert_allclose(samples[k], np.broadcast_to(samples[k][0], samples[k].shape),
+                                   rtol=1e-5, atol=1e-7)  # rows of one batch round alike, nearly
+    assert not np.allclose(samples[0], samples[1])
+    free = multidrop.mc_predict(rewired, same, 5, seed=0, return_samples=True)[2]
+    assert not all(np.allclose(free[k], free[k][0]) for k in range(5))
+
+
+def test_consistent_masks_need_standalone_dropout():
+    x = keras.Input((4, 8))
+    h = layers.MultiHeadAttention(2, 4, dropout=0.2, name="mha")(x, x)
+    model = keras.Model(x, layers.Dense(2)(h))
+    with pytest.raises(ValueError, match=r"consistent=True needs standalone dropout.*'mha'"):
+        multidrop.mc_predict(model, np.ones((2, 4, 8), "float32"), 3, consistent=True)
