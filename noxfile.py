@@ -1,10 +1,12 @@
 """Test sessions for multidrop: one per Keras backend, plus cross-backend, benchmarks and fuzzing.
 
-    nox                          # tests on torch, jax and tensorflow, then crossbackend
+    nox                          # tests on torch, jax and tensorflow, crossbackend, docs, lint
     nox -s "tests(jax)" -- -k nested
     nox -s bench                 # quick benchmark (not in the default set)
     nox -s fuzz                  # long Hypothesis budget (not in the default set)
     nox -s sweep                 # all 40 keras.applications models (not in the default set)
+    nox -s docs                  # build the documentation into build/site (mkdocs --strict)
+    nox -s lint                  # ruff check and ruff format --check
 """
 
 import pathlib
@@ -19,7 +21,8 @@ BACKENDS = ["torch", "jax", "tensorflow"]
 SHARED = pathlib.Path(".nox", "shared")
 BIN = SHARED / "bin"
 
-nox.options.sessions = ["tests", "crossbackend"]
+nox.options.sessions = ["tests", "crossbackend", "docs", "lint"]
+LINTED = ["multidrop", "tests", "benchmarks", "noxfile.py", "docs"]
 nox.options.error_on_missing_interpreters = True
 
 
@@ -51,6 +54,29 @@ def tests(session: nox.Session, backend: str) -> None:
 def crossbackend(session: nox.Session) -> None:
     """Run the cross-backend tests: one subprocess per backend, all three installed together."""
     pytest(session, None, "-m", "crossbackend")
+
+
+@nox.session(venv_backend="none", requires=["env"])
+def docs(session: nox.Session) -> None:
+    """Build the documentation into build/site with mkdocs --strict (API pages from docstrings)."""
+    install(session, ".[docs,torch]")
+    env = {"KERAS_BACKEND": "torch", "TF_CPP_MIN_LOG_LEVEL": "3", "NO_MKDOCS_2_WARNING": "1"}
+    mkdocs = str(BIN / "mkdocs")
+    session.run(mkdocs, "build", "--strict", *session.posargs, env=env, external=True)
+
+
+@nox.session(venv_backend="none", requires=["env"])
+def lint(session: nox.Session) -> None:
+    """Lint with ruff and check that the code is formatted (``ruff format --check``)."""
+    install(session, ".[lint]")
+    session.run(str(BIN / "ruff"), "check", *LINTED, *session.posargs, external=True)
+    session.run(str(BIN / "ruff"), "format", "--check", *LINTED, external=True)
+
+
+def install(session: nox.Session, requirement: str) -> None:
+    """Install ``requirement`` (an extra of multidrop) into the shared environment."""
+    pip = [str(BIN / "python"), "-m", "pip", "install", "-q", "-c", "constraints.txt"]
+    session.run(*pip, "-e", requirement, external=True)
 
 
 @nox.session(venv_backend="none", requires=["env"], default=False)
