@@ -5,6 +5,8 @@ Example:
     $ multidrop insert model.keras -o rewired.keras --rate 0.2 --where activations --kind auto
     $ multidrop insert model.keras -o rewired.keras --rate fc1=0.5,fc2=0.3 --where fc1,fc2
     $ multidrop verify model.keras --rate 0.2 --backends torch,jax,tensorflow --json report.json
+    $ multidrop set bert.keras -o bert_02.keras --rate 0.2      # the layers' own dropout rates
+    $ multidrop verify bert.keras --edit set --rate 0.2         # ... proven on every backend
     $ multidrop demo                     # the whole job on the bundled digits CNN
 
 Bad input (a missing or unreadable file, a bad option) prints one line to
@@ -24,7 +26,7 @@ import rich.console
 
 import multidrop
 from multidrop import select
-from multidrop.options import Options
+from multidrop.options import Options, SetOptions
 
 
 class UsageError(Exception):
@@ -72,7 +74,7 @@ def parse_where(text: str):
 def add_insert_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``insert_dropout`` that every subcommand shares."""
     parser.add_argument("--rate", default="0.1", help="a float in [0, 1) or name=rate pairs (default 0.1)")
-    parser.add_argument("--where", default="activations",
+    parser.add_argument("--where",
                         help="'activations' (default), 're:PATTERN', or comma-separated layer names")
     parser.add_argument("--kind", default="dropout", help="dropout, spatial, gaussian, alpha or auto")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible masks")
@@ -83,7 +85,7 @@ def add_insert_options(parser: argparse.ArgumentParser) -> None:
 def insert_options(args: argparse.Namespace) -> Options:
     """The command line's insert options, validated once as an `Options` record."""
     return Options(
-        rate=parse_rate(args.rate), where=parse_where(args.where), kind=args.kind,
+        rate=parse_rate(args.rate), where=parse_where(args.where or "activations"), kind=args.kind,
         seed=args.seed, include_outputs=args.include_outputs, mc=args.mc,
     )
 
@@ -96,29 +98,54 @@ def cmd_plan(args) -> int:
 def cmd_insert(args) -> int:
     model, options = load_model(args.model), insert_options(args).changed()
     added = len(multidrop.plan(model, **options))
-    rewired = multidrop.insert_dropout(model, **options)
-    try:
-        rewired.save(args.output)
-    except OSError as error:
-        raise UsageError(f"cannot write {args.output}: {error.strerror or error}") from error
+    _save(multidrop.insert_dropout(model, **options), args.output)
     print(f"wrote {args.output}: '{model.name}' with {added} dropout layers inserted")
     return 0
 
 
+def set_options(args: argparse.Namespace) -> SetOptions:
+    """The command line's options of ``set_dropout``, validated once."""
+    fields = [f.strip() for f in args.fields.split(",") if f.strip()] if args.fields else None
+    where = None if args.where is None else parse_where(args.where)
+    return SetOptions(rate=parse_rate(args.rate), where=where, fields=fields)
+
+
+def cmd_set(args) -> int:
+    model, options = load_model(args.model), set_options(args).changed()
+    print(multidrop.set_plan(model, **options))
+    _save(multidrop.set_dropout(model, **options), args.output)
+    print(f"wrote {args.output}: '{model.name}' with its own dropout rates set")
+    return 0
+
+
+def _save(model, path: str) -> None:
+    try:
+        model.save(path)
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror or error}") from error
+
+
 def cmd_verify(args) -> int:
-    model, options = load_model(args.model), insert_options(args).changed()
+    model = load_model(args.model)
+    if args.edit == "set":
+        options = set_options(args).changed()
+    else:
+        options = insert_options(args).changed()
     # Selectors hold closures, which cannot be sent to the backend subprocesses: send
     # 'activations' as the string, and a regex as the names of the sites it picks.
-    if args.where == "activations":
+    if args.edit == "insert" and args.where in (None, "activations"):
         options["where"] = "activations"
-    elif args.where.startswith("re:"):
-        options["where"] = sorted({site.qualname for site in multidrop.plan(model, **options)})
+    elif args.where and args.where.startswith("re:"):
+        dry_run = multidrop.set_plan if args.edit == "set" else multidrop.plan
+        options["where"] = sorted({row.qualname for row in dry_run(model, **options)})
     tolerances = {name: value for name, value in (("atol", args.atol), ("rtol", args.rtol))
                   if value is not None}
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     status = rich.console.Console(stderr=True).status(f"verifying on {', '.join(backends)}")
     with status:
-        report = multidrop.cross_backend(args.model, backends, tolerances=tolerances, **options)
+        report = multidrop.cross_backend(
+            args.model, backends, tolerances=tolerances, edit=args.edit, **options
+        )
     print(report)
     if args.json:
         try:
@@ -168,7 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("--atol", "absolute"), ("--rtol", "relative")):
         verify.add_argument(name, type=float, help=f"{what} tolerance between backends (default: by dtype)")
     verify.add_argument("--json", metavar="FILE", help="also write the report to FILE as JSON")
+    verify.add_argument("--edit", choices=("insert", "set"), default="insert",
+                        help="insert dropout (default) or set the layers' own rates (as `set`)")
+    verify.add_argument("--fields", help="with --edit set: only these fields, comma-separated")
     verify.set_defaults(run=cmd_verify)
+
+    set_ = commands.add_parser(
+        "set", help="write a copy of the model with its layers' own dropout rates set")
+    set_.add_argument("model", help="a .keras file")
+    set_.add_argument("-o", "--output", required=True, help="where to write the .keras file")
+    set_.add_argument("--rate", required=True, help="a float in [0, 1) or name=rate pairs")
+    set_.add_argument("--where", help="'re:PATTERN' or comma-separated layer names "
+                      "(default: every layer with a dropout-rate field)")
+    set_.add_argument("--fields", help="only these fields, e.g. recurrent_dropout (default: all)")
+    set_.set_defaults(run=cmd_set)
 
     demo = commands.add_parser(
         "demo", help="plan, insert, verify, fine-tune and MC dropout on a digits CNN (or --model)")

@@ -32,8 +32,8 @@ _NAME = re.compile(r"(^|_)(dropout|dropout_rate|drop_rate|drop_path_rate)$")
 # outputs agree with the original's within float rounding instead of bitwise.
 KERNEL_SWITCH = {
     ("MultiHeadAttention", "dropout"): "leaves fused dot_product_attention",
-    ("LSTM", "recurrent_dropout"): "leaves the fused (cuDNN) kernel on GPU",
-    ("GRU", "recurrent_dropout"): "leaves the fused (cuDNN) kernel on GPU",
+    ("LSTM", "recurrent_dropout"): "leaves the backend's fused LSTM (torch's, cuDNN)",
+    ("GRU", "recurrent_dropout"): "leaves the backend's fused GRU (torch's, cuDNN)",
 }
 
 

@@ -119,3 +119,22 @@ def test_a_backend_that_fails_to_import_is_skipped(saved, tmp_path, monkeypatch)
     assert (run.backend, run.status) == ("jax", "skipped")
     assert "cannot import jax" in run.message and "this jax is broken" in run.message
     assert not report.ok and report.skipped == ["jax"]
+
+
+@pytest.mark.crossbackend
+def test_cli_verifies_set_dropout_on_all_three(tmp_path, capsys):
+    """An LSTM's recurrent dropout set: Keras leaves its fused kernel, so each backend checks
+    the clone within float32 tolerance instead of bitwise, and says so."""
+    import keras
+
+    x = keras.Input((5, 3))
+    model = keras.Model(x, keras.layers.Dense(2)(keras.layers.LSTM(4, name="lstm")(x)))
+    model.save(tmp_path / "lstm.keras")
+    status = cli.main(["verify", str(tmp_path / "lstm.keras"), "--edit", "set", "--rate", "0.3",
+                       "--fields", "recurrent_dropout", "--json", str(tmp_path / "r.json")])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert "1 dropout fields set" in printed
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["edit"] == "set" and [b["status"] for b in report["backends"]] == ["ok"] * 3
+    assert all(o["atol"] > 0 for b in report["backends"] for o in b["outputs"])

@@ -353,3 +353,22 @@ def test_cli_plan_and_insert(tmp_path, capsys):
     assert rewired.get_layer("fc2_multidrop").rate == 0.5
     assert cli.main(["plan", str(tmp_path / "missing.keras")]) == 2
     assert "no such model file" in capsys.readouterr().err
+
+
+def test_cli_set_writes_the_layers_own_rates(tmp_path, capsys):
+    from multidrop import cli
+
+    x = keras.Input((5, 3))
+    h = layers.LSTM(4, dropout=0.1, name="lstm")(x)
+    model = keras.Model(x, layers.Dense(2, name="out")(layers.Dropout(0.5, name="drop")(h)))
+    model.save(tmp_path / "m.keras")
+    out = tmp_path / "out.keras"
+    args = ["set", str(tmp_path / "m.keras"), "-o", str(out), "--rate", "0.3"]
+    assert cli.main([*args, "--fields", "recurrent_dropout"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "recurrent_dropout" in printed and "fused LSTM" in printed  # the kernel switch is named
+    changed = keras.saving.load_model(out)
+    assert changed.get_layer("lstm").recurrent_dropout == 0.3
+    assert changed.get_layer("lstm").dropout == 0.1 and changed.get_layer("drop").rate == 0.5
+    assert cli.main([*args, "--fields", "nope"]) == 2
+    assert "no layer with a dropout-rate field named ['nope']" in capsys.readouterr().err

@@ -35,8 +35,9 @@ import rich.table
 import rich.text
 
 from multidrop import _keras, graph, options, render
-from multidrop.options import Options
+from multidrop.options import Options, SetOptions
 from multidrop.plan import plan
+from multidrop.rewire import set_plan
 from multidrop.verify import compare, inputs
 from multidrop.verify.compare import TOLERANCES, Report
 
@@ -112,6 +113,7 @@ class CrossBackendReport:
     tolerance_source: str
     runs: tuple[BackendRun, ...]
     pairs: tuple[Pair, ...]
+    edit: str = "insert"
 
     @property
     def ok(self) -> bool:
@@ -152,6 +154,7 @@ class CrossBackendReport:
     def to_dict(self) -> dict:
         return {
             "model": self.model,
+            "edit": self.edit,
             "ok": self.ok,
             "sites": self.sites,
             "options": self.options,
@@ -189,11 +192,13 @@ class CrossBackendReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def __str__(self) -> str:
-        headline = (
-            f"multidrop verify '{self.model}': {self.sites} dropout layers inserted "
-            f"({self.options})"
-        )
+        done = "dropout layers inserted" if self.edit == "insert" else "dropout fields set"
+        headline = f"multidrop verify '{self.model}': {self.sites} {done} ({self.options})"
         return render.text(rich.text.Text(headline), *self.tables())
+
+
+EDITS = {"insert": Options, "set": SetOptions}  # the options record of each edit
+DRY_RUNS = {"insert": plan, "set": set_plan}
 
 
 def cross_backend(
@@ -202,6 +207,7 @@ def cross_backend(
     *,
     x=None,
     tolerances: dict | None = None,
+    edit: str = "insert",
     **insert_options,
 ) -> CrossBackendReport:
     """Rewire and verify one saved model on several Keras backends, then compare them.
@@ -221,8 +227,9 @@ def cross_backend(
         backends: which backends to run, from ``("torch", "jax", "tensorflow")``.
         x: the shared input, as the model takes it.
         tolerances: ``{"atol": ..., "rtol": ...}`` overriding either default.
-        **insert_options: the options of `insert_dropout` (`multidrop.options.Options`;
-            ``rate`` is required), checked here. They cross process boundaries, so
+        edit: ``"insert"`` runs `insert_dropout`, ``"set"`` runs `set_dropout`.
+        **insert_options: the options of that edit (`multidrop.options.Options`, or
+            `multidrop.options.SetOptions` for ``"set"``; ``rate`` is required), checked here. They cross process boundaries, so
             they must pickle: use ``where='activations'``, layer classes or layer
             names, not selectors or lambdas.
 
@@ -235,15 +242,17 @@ def cross_backend(
         >>> assert report.ok, report
     """
     backends = _check_backends(backends)
-    opts = options.build(Options, "cross_backend", **insert_options)
+    if edit not in EDITS:
+        raise ValueError(f"edit={edit!r}: choose 'insert' (insert_dropout) or 'set' (set_dropout).")
+    opts = options.build(EDITS[edit], "cross_backend", **insert_options)
     with tempfile.TemporaryDirectory(prefix="multidrop-verify-") as tmp:
         tmp = pathlib.Path(tmp)
         model, path = _model_and_path(model_or_path, tmp)
-        sites = len(plan(model, **dataclasses.asdict(opts)))  # the plan's errors, raised now
+        sites = len(DRY_RUNS[edit](model, **dataclasses.asdict(opts)))  # its errors, raised now
         arrays = inputs.flat_inputs(model, inputs.sample_inputs(model) if x is None else x)
         np.savez(tmp / INPUTS, *arrays)
         _dump_options(opts, tmp / OPTIONS)
-        dtype = _working_dtype(model)
+        dtype = working_dtype(model)
         atol, rtol, source = _tolerances(dtype, tolerances)
         runs = _run_all(backends, path, tmp)
 
@@ -251,7 +260,7 @@ def cross_backend(
     pairs = tuple(_pair(a, b, atol, rtol) for a, b in itertools.combinations(ran, 2))
     changed = ", ".join(f"{name}={value!r}" for name, value in opts.changed().items())
     return CrossBackendReport(
-        model.name, sites, changed, dtype, atol, rtol, source, tuple(runs), pairs
+        model.name, sites, changed, dtype, atol, rtol, source, tuple(runs), pairs, edit
     )
 
 
@@ -294,7 +303,7 @@ def _dump_options(opts: Options, path: pathlib.Path) -> None:
         ) from error
 
 
-def _working_dtype(model) -> str:
+def working_dtype(model) -> str:
     """The least precise float dtype the model computes or answers in."""
     dtypes = {
         layer.compute_dtype

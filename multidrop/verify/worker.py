@@ -2,7 +2,7 @@
 
 `cross_backend` starts one worker per backend, with ``KERAS_BACKEND`` set. The
 worker loads the ``.keras`` file MODEL, inserts dropout with the `Options`
-pickled in TMP, checks the clone bitwise against the original on the inputs
+(or sets the layers' own rates with the `SetOptions`) pickled in TMP, checks the clone bitwise against the original on the inputs
 saved in TMP, and writes its `BackendRun` (report and outputs) back into TMP.
 
 Example:
@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 import multidrop
+from multidrop.options import SetOptions
 from multidrop.verify import backends, compare, inputs
 
 
@@ -43,8 +44,14 @@ def main(model_path: str, tmp: str, backend: str) -> None:
     opts = pickle.loads((tmp / backends.OPTIONS).read_bytes())
     with np.load(tmp / backends.INPUTS) as arrays:
         x = inputs.pack(model, [arrays[f"arr_{i}"] for i in range(len(arrays.files))])
-    rewired = multidrop.insert_dropout(model, **dataclasses.asdict(opts))
-    report, outputs = compare.compare_models(model, rewired, x, 0.0, 0.0)
+    edit = multidrop.set_dropout if isinstance(opts, SetOptions) else multidrop.insert_dropout
+    rewired = edit(model, **dataclasses.asdict(opts))
+    atol = rtol = 0.0  # bitwise, unless a changed rate makes Keras pick another kernel
+    if isinstance(opts, SetOptions) and any(
+        change.kernel for change in multidrop.set_plan(model, **dataclasses.asdict(opts))
+    ):
+        atol, rtol = compare.tolerance_for(backends.working_dtype(model))
+    report, outputs = compare.compare_models(model, rewired, x, atol, rtol)
     version = f"{backend} {importlib.import_module(backend).__version__}"
     run = backends.BackendRun(
         backend, "ok" if report.ok else "mismatch", version=version, report=report, outputs=outputs
