@@ -29,6 +29,7 @@ import rich.progress
 import rich.table
 
 import multidrop
+from multidrop import uncertainty
 from multidrop.demo import digits
 from multidrop.options import Options
 
@@ -86,8 +87,10 @@ def run(model=None, *, options: Options, epochs=5, samples=30, out=".", console=
         drawn = keras.ops.convert_to_numpy(keras.ops.softmax(drawn))
         mean, std = drawn.mean(axis=0), drawn.std(axis=0)
     entropy = multidrop.predictive_entropy(mean)
+    bald = multidrop.mutual_information(drawn)
     order = np.argsort(-entropy)
-    console.print(_uncertain_table(order[:SHOWN], test[1], mean, std, entropy, samples))
+    console.print(_calibration_table(tuned, validation, test, mean, samples, seed, logits))
+    console.print(_uncertain_table(order[:SHOWN], test[1], mean, std, entropy, bald, samples))
     console.print(_error_summary(order, test[1], mean), soft_wrap=True)
     png = _draw(order[:SHOWN], test, mean, entropy, pathlib.Path(out))
     console.print(f"wrote {png}", soft_wrap=True)
@@ -199,20 +202,54 @@ def _tuning_table(runs, added) -> rich.table.Table:
     return table
 
 
-def _uncertain_table(shown, labels, mean, std, entropy, samples) -> rich.table.Table:
+def _calibration_table(model, validation, test, mc_mean, samples, seed, logits):
+    """Deterministic vs Monte Carlo predictions on the test digits: can their confidence be
+    trusted? The temperature of each is fitted on the validation digits."""
+    def probabilities(x):
+        out = keras.ops.convert_to_numpy(model(x, training=False))
+        return keras.ops.convert_to_numpy(keras.ops.softmax(out)) if logits else out
+
+    drawn = multidrop.mc_predict(model, validation[0], samples, seed=seed + 1,
+                                 return_samples=True)[2]
+    if logits:  # the mean of logits is no probability: a softmax per sample, then the mean
+        drawn = keras.ops.convert_to_numpy(keras.ops.softmax(drawn))
+    mc_validation = drawn.mean(axis=0)
+    table = rich.table.Table(
+        title="can the confidence be trusted? (test digits; temperature fitted on validation)",
+        title_justify="left",
+    )
+    for column in ("prediction", "accuracy", "NLL", "ECE", "T", "NLL after T", "ECE after T"):
+        table.add_column(column, justify="left" if column == "prediction" else "right")
+    for name, held_out, calibration in (
+        ("deterministic", probabilities(test[0]), probabilities(validation[0])),
+        (f"MC dropout ({samples} samples)", mc_mean, mc_validation),
+    ):
+        t = uncertainty.fit_temperature(calibration, validation[1])
+        scaled = uncertainty.temperature_scale(held_out, t)
+        table.add_row(
+            name, f"{uncertainty.accuracy(held_out, test[1]):.3f}",
+            f"{uncertainty.nll(held_out, test[1]):.3f}", f"{uncertainty.ece(held_out, test[1]):.3f}",
+            f"{t:.2f}", f"{uncertainty.nll(scaled, test[1]):.3f}",
+            f"{uncertainty.ece(scaled, test[1]):.3f}",
+        )
+    return table
+
+
+def _uncertain_table(shown, labels, mean, std, entropy, bald, samples) -> rich.table.Table:
     table = rich.table.Table(
         title=f"the {len(shown)} least certain test digits "
         f"(Monte Carlo dropout, {samples} samples)",
         title_justify="left",
     )
-    for column in ("test #", "true", "predicted", "mean p", "± std", "runner-up", "entropy"):
+    for column in ("test #", "true", "predicted", "mean p", "± std", "runner-up", "entropy",
+                   "BALD"):
         table.add_column(column, justify="right")
     for i in shown:
         first, second = np.argsort(-mean[i])[:2]
         table.add_row(
             str(i), str(labels[i]), str(first) + (" ✗" if first != labels[i] else ""),
             f"{mean[i, first]:.2f}", f"{std[i, first]:.2f}",
-            f"{second} ({mean[i, second]:.2f})", f"{entropy[i]:.2f}",
+            f"{second} ({mean[i, second]:.2f})", f"{entropy[i]:.2f}", f"{bald[i]:.3f}",
         )
     return table
 
