@@ -55,13 +55,16 @@ _ACTIVATION_OP_NAMES = {
 
 
 def is_activation(op) -> bool:
-    """True when ``op`` ends in a non-linear activation function."""
+    """True when ``op`` ends in a non-linear activation function, also inside a wrapper
+    (``TimeDistributed``). A recurrent layer's output is not one (see `activations`)."""
     if isinstance(op, keras.layers.Activation):
         return op.activation is not keras.activations.linear
     if isinstance(op, ACTIVATION_LAYERS):
         return True
     if isinstance(op, FUSED_ACTIVATION_LAYERS):
         return getattr(op, "activation", None) not in (None, keras.activations.linear)
+    if isinstance(op, keras.layers.Wrapper):  # TimeDistributed(Dense(8, activation="relu"))
+        return is_activation(op.layer)
     if isinstance(op, keras.layers.Layer):
         return False
     return type(op).__name__.lower() in _ACTIVATION_OP_NAMES
@@ -117,7 +120,14 @@ def _predicate(test: Callable[[Call], bool], text: str, names=()) -> Selector:
 def activations() -> Selector:
     """Standalone activation layers, layers with a fused non-linear
     ``activation`` (Dense, Conv*, EinsumDense...) and activation op nodes
-    such as ``keras.activations.relu(x)`` or ``keras.ops.gelu(x)``."""
+    such as ``keras.activations.relu(x)`` or ``keras.ops.gelu(x)``.
+
+    A wrapper counts when the layer it wraps does: ``TimeDistributed(Dense(8,
+    activation="relu"))`` is a site. Recurrent layers (``LSTM``, ``GRU``,
+    ``SimpleRNN``, and ``Bidirectional`` around them) are not, although their
+    cells use ``tanh``: that activation is applied inside the recurrence, and
+    what comes out is the hidden state, not an activation the user fused into
+    a layer. Pick them explicitly: ``select.layers(keras.layers.Bidirectional)``."""
     return _predicate(lambda c: is_activation(c.operation), "activations()")
 
 
