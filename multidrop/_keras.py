@@ -47,6 +47,7 @@ with _default_backend():
     import keras
 
 from keras.src import api_export  # noqa: E402
+from keras.src.backend.common import global_state  # noqa: E402
 from keras.src.layers.convolutional.base_conv import BaseConv  # noqa: E402
 from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose  # noqa: E402
 from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv  # noqa: E402
@@ -112,6 +113,22 @@ def is_called(layer) -> bool:
     return bool(layer._inbound_nodes)
 
 
+@contextlib.contextmanager
+def training_kept():
+    """Keep the current call's ``training`` through a nested call that passes its own.
+
+    Keras writes an explicit ``training=`` into the call context that the whole outer
+    call shares and does not restore it, so the layers called afterwards run in that
+    mode too (on 3.15 when the outer call has no ``training``; on 3.16 always)."""
+    context = global_state.get_global_attribute("current_call_ctx")
+    before = None if context is None else context.get_value("training")
+    try:
+        yield
+    finally:
+        if context is not None:
+            context.set_value("training", before)
+
+
 def copy_state(old, new) -> None:
     """Copy ``old``'s state into ``new`` (same class, built) the way a ``.keras`` file does:
     each layer's ``save_own_variables``/``load_own_variables`` and ``save_assets``/
@@ -129,12 +146,19 @@ def copy_state(old, new) -> None:
         raise ValueError(f"the clone has no place for the original's state at {sorted(unread)}")
 
 
-class _MemoryStore(saving_lib.NpzIOStore):
-    """The variable store of a ``.keras`` file, kept in memory."""
+class _MemoryStore(saving_lib.H5IOStore):
+    """The variable store of a ``.keras`` file, kept in memory. An H5IOStore (the one
+    store class ``_save_state`` accepts on every Keras since 3.15) with no file."""
 
     def __init__(self):
         self.contents: dict = {}
         self.read: set = set()
+
+    def __bool__(self):
+        return True
+
+    def has_path(self, path):
+        return any(p == path or p.startswith(f"{path}/") for p in self.contents)
 
     def make(self, path, metadata=None):
         self.contents[path] = _Copies()
@@ -150,4 +174,4 @@ class _Copies(dict):
     JAX buffers, which ``fit`` and ``predict`` donate (delete) on the JAX backend."""
 
     def __setitem__(self, key, value):
-        super().__setitem__(key, np.array(value))
+        super().__setitem__(key, np.array(keras.ops.convert_to_numpy(value)))

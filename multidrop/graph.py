@@ -3,7 +3,13 @@
 The walk lists every call of an operation (a layer call or an op node such as
 ``keras.activations.relu(x)``) in topological order, nested graph models
 included, with the names of the models that hold it. Nothing is built and
-nothing is changed: the rebuild in ``rewire.py`` replays exactly these calls.
+nothing is changed: the rebuild in ``rebuild.py`` replays exactly these calls.
+
+A built Sequential for which Keras recorded no graph (a layer's shape inference
+failed in ``model.build(shape)``, or the input is a dict passed through) is what
+Keras runs it as: a list of layers, each called on the previous one's output.
+Its calls are `ListNode` records (a `ListGraph`), kept per model so that a plan
+and the rebuild that carries it out see the same nodes.
 
 Example:
     >>> from multidrop import graph
@@ -14,11 +20,16 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import types
+import weakref
 
 import keras
 
 from multidrop import _keras
 from multidrop._keras import Functional
+
+_LISTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PLAIN_CALL = types.SimpleNamespace(args=(), kwargs=types.MappingProxyType({}))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -35,6 +46,9 @@ class Call:
         inference_only: the call sits in a nested model called only with
             ``training=False`` (``backbone(x, training=False)``), so a dropout
             after it would never be active.
+        training_forced: the call sits in a nested model called with
+            ``training=True`` written into the graph, so a dropout after it
+            would be active at inference too.
     """
 
     operation: keras.Operation
@@ -43,6 +57,7 @@ class Call:
     index: int
     is_output: bool
     inference_only: bool
+    training_forced: bool = False
 
     @property
     def name(self) -> str:
@@ -56,6 +71,32 @@ class Call:
     @property
     def outputs(self) -> list:
         return self.node.outputs
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ListNode:
+    """A layer's call in a built Sequential with no recorded graph; it reads like a
+    Keras node: the layer, its input and its output (as far as Keras can tell)."""
+
+    operation: keras.Operation
+    input_tensors: list
+    outputs: list
+    is_input = False
+
+    @property
+    def arguments(self):
+        """A Sequential calls its layers on one tensor, with no other argument."""
+        return _PLAIN_CALL
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ListGraph:
+    """What a built Sequential with no recorded graph has instead of one."""
+
+    layers: tuple
+    inputs: list
+    outputs: list
+    nodes: list
 
 
 def is_graph_model(obj) -> bool:
@@ -80,27 +121,88 @@ def check_model(model, argument: str = "model") -> None:
             "call() yourself."
         )
     if isinstance(model, keras.Sequential) and _keras.sequential_graph(model) is None:
-        raise ValueError(
-            f"Sequential model '{model.name}' is not built, so it has no graph "
-            "yet. Give it an input shape first: start it with "
-            "keras.Input(shape=...), or call model.build((None, *shape))."
-        )
+        if not model.built:
+            raise ValueError(
+                f"Sequential model '{model.name}' is not built, so it has no graph "
+                "yet. Give it an input shape first: start it with "
+                "keras.Input(shape=...), or call model.build((None, *shape))."
+            )
+        unbuilt = [layer.name for layer in model.layers if not layer.built]
+        if unbuilt:
+            raise ValueError(
+                f"Sequential model '{model.name}' is built, but Keras could not infer "
+                f"shapes through all its layers, so {unbuilt} have no weights yet and "
+                "a copy could not match them. Call the model once on a batch of data, "
+                "model(x), then rewire it."
+            )
 
 
-def graph_of(model) -> Functional:
-    """The Functional graph behind a graph model (a Sequential keeps one)."""
-    return _keras.sequential_graph(model) if isinstance(model, keras.Sequential) else model
+def graph_of(model) -> Functional | ListGraph:
+    """The graph behind a graph model: a Functional (a Sequential keeps one), or a
+    `ListGraph` for a built Sequential that Keras recorded no graph for."""
+    if not isinstance(model, keras.Sequential):
+        return model
+    functional = _keras.sequential_graph(model)
+    return _list_graph(model) if functional is None else functional
+
+
+def _list_graph(model) -> ListGraph:
+    """The layers' calls in order. A layer's output is what its ``compute_output_spec``
+    gives or, where that fails (the reason Keras recorded no graph), the input the
+    next layer was built on."""
+    layers = tuple(model.layers)
+    if model in _LISTS and _LISTS[model].layers == layers:
+        return _LISTS[model]
+    first = _keras.sequential_input(model)
+    x = _built_on(layers[0], layers[0].input_dtype) if first is None else first.output
+    nodes = []
+    for layer, following in zip(layers, (*layers[1:], None)):
+        try:
+            y = layer.compute_output_spec(x)
+        except Exception:
+            y = None if following is None else _built_on(following, layer.compute_dtype)
+        nodes.append(ListNode(layer, _flat(x), _flat(y)))
+        x = y
+    inputs = [] if first is None else [first.output]
+    _LISTS[model] = ListGraph(layers, inputs, nodes[-1].outputs, nodes)
+    return _LISTS[model]
+
+
+def _flat(tensors) -> list:
+    return [] if tensors is None else keras.tree.flatten(tensors)
+
+
+def _built_on(layer, dtype):
+    """Symbolic tensors like those ``layer`` was built on, or None if it records none.
+    The batch size of the call that built it is no property of the layer: it is None."""
+    shape = (layer.get_build_config() or {}).get("input_shape")
+    if shape is None:
+        return None
+    return keras.tree.map_shape_structure(
+        lambda s: keras.KerasTensor((None, *s[1:]), dtype=dtype), shape
+    )
 
 
 def nodes(model) -> list:
-    """The non-input nodes of a graph model, in the order Keras runs them."""
-    by_depth = _keras.nodes_by_depth(graph_of(model))
-    return [
+    """The non-input nodes of a graph model, in the order Keras runs them.
+
+    A Sequential's are the calls of its layers only: the op nodes Keras records
+    for masks (``Embedding(mask_zero=True)``) are not layers of the list, and a
+    new Sequential makes them again."""
+    graph = graph_of(model)
+    if isinstance(graph, ListGraph):
+        return list(graph.nodes)
+    by_depth = _keras.nodes_by_depth(graph)
+    ordered = [
         node
         for depth in sorted(by_depth, reverse=True)
         for node in by_depth[depth]
         if node.operation is not None and not node.is_input
     ]
+    if isinstance(model, keras.Sequential):
+        listed = set(map(id, model.layers))
+        ordered = [node for node in ordered if id(node.operation) in listed]
+    return ordered
 
 
 def walk(model, *, recursive: bool = True) -> list[Call]:
@@ -119,11 +221,11 @@ def walk(model, *, recursive: bool = True) -> list[Call]:
     check_model(model)
     graph = graph_of(model)
     calls: list[Call] = []
-    _walk(model, (), set(map(id, graph.outputs)), False, recursive, calls, set())
+    _walk(model, (), set(map(id, graph.outputs)), (False, False), recursive, calls, set())
     return calls
 
 
-def _walk(model, path, final_ids, inference_only, recursive, calls, seen) -> None:
+def _walk(model, path, final_ids, fixed, recursive, calls, seen) -> None:
     counts: dict[int, int] = {}
     graph_nodes = nodes(model)
     for node in graph_nodes:
@@ -131,7 +233,7 @@ def _walk(model, path, final_ids, inference_only, recursive, calls, seen) -> Non
         index = counts.get(id(op), 0)
         counts[id(op)] = index + 1
         is_output = any(id(t) in final_ids for t in node.outputs)
-        calls.append(Call(op, node, path, index, is_output, inference_only))
+        calls.append(Call(op, node, path, index, is_output, *fixed))
         if recursive and is_graph_model(op) and id(op) not in seen:
             seen.add(id(op))
             # A nested model called several times: an inner tensor is final if any call
@@ -144,7 +246,7 @@ def _walk(model, path, final_ids, inference_only, recursive, calls, seen) -> Non
                 for i, t in enumerate(use.outputs)
                 if id(t) in final_ids
             }
-            inert = all(use.arguments.kwargs.get("training") is False for use in uses)
-            frozen = inference_only or inert
-            _walk(op, (*path, op.name), inner_final, frozen, recursive, calls, seen)
-
+            training = [use.arguments.kwargs.get("training") for use in uses]
+            inert = fixed[0] or all(t is False for t in training)
+            forced = fixed[1] or any(t is True for t in training)
+            _walk(op, (*path, op.name), inner_final, (inert, forced), recursive, calls, seen)

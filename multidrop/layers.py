@@ -10,6 +10,8 @@ Example:
 
 import keras
 
+from multidrop import _keras
+
 
 @keras.saving.register_keras_serializable(package="multidrop")
 class MonteCarlo(keras.layers.Wrapper):
@@ -22,4 +24,5 @@ class MonteCarlo(keras.layers.Wrapper):
 
     def call(self, *args, **kwargs):
         kwargs["training"] = True
-        return self.layer(*args, **kwargs)
+        with _keras.training_kept():  # the layers after this one keep the model's mode
+            return self.layer(*args, **kwargs)
