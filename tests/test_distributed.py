@@ -1,19 +1,25 @@
 """A rewired model under the distributed engines: keras.distribution.DataParallel on JAX
-(two virtual CPU devices) and PyTorch DistributedDataParallel (two processes under torchrun).
+(two virtual CPU devices), PyTorch DistributedDataParallel (two processes under torchrun)
+and two JAX processes (jax.distributed on CPU).
 
-Both run in fresh subprocesses on their own backend, whatever backend this
+All run in fresh subprocesses on their own backend, whatever backend this
 session tests: XLA reads ``XLA_FLAGS`` once, when jax is imported, and DDP
-needs a process per replica.
+needs a process per replica. Under DDP and multi-process JAX, each process
+gets its own masks from the user's one seed with no user code
+(`multidrop.distributed.fold`, applied where the dropout kernel reads its state).
 """
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
+
+import multidrop
 
 SCRIPT = r"""
 import json
@@ -57,13 +63,18 @@ print(json.dumps({
 """
 
 
-# Each runs in its own backend's nox session (every session installs all backends; one run is enough).
+# Each runs in its own backend's nox session (every session installs all backends; one run
+# is enough).
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="runs in the jax session")
 def test_rewired_model_trains_under_data_parallel_with_a_mask_per_replica():
-    env = {**os.environ, "KERAS_BACKEND": "jax",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": "jax",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -85,6 +96,7 @@ import json, os, sys
 import keras, torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 import multidrop
+from multidrop import distributed
 
 dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE and the rendezvous address
 rank = dist.get_rank()
@@ -92,36 +104,110 @@ keras.utils.set_random_seed(0)  # the same starting model and data on every rank
 inputs = keras.Input((16,))
 h = keras.layers.Dense(32, activation="relu", name="fc1")(inputs)
 model = keras.Model(inputs, keras.layers.Dense(4, name="out")(h))
-rewired = multidrop.insert_dropout(model, 0.5)
-ddp = DistributedDataParallel(rewired)
-# DDP copied rank 0's variables to every rank, dropout RNG states included: reseed (README).
-states = [v for v in rewired.variables if v.path.endswith("seed_generator_state")]
-for i, state in enumerate(states):
-    state.assign([1000 * rank + i, 0])
-probe = keras.Model(rewired.inputs, rewired.get_layer("fc1_multidrop").output)
-mask = (probe(torch.ones(4, 16), training=True) != 0).int().tolist()
+rewired = multidrop.insert_dropout(model, 0.5, seed=7)
+ddp = DistributedDataParallel(rewired)  # copies rank 0's variables, dropout state included
+# No reseed: multidrop folds the rank into the masks itself.
+masks = [(multidrop.insert_dropout(model, 0.5, seed=7) if i else rewired).get_layer(
+    "fc1_multidrop")(torch.ones(4, 32), training=True).ne(0).int().tolist() for i in range(2)]
 optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
 ddp(torch.randn(8, 16), training=True).square().mean().backward()
 optimizer.step()
 with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
-    json.dump({"mask": mask, "weights": [w.tolist() for w in rewired.get_weights()]}, f)
+    json.dump({"rank": distributed.rank(), "masks": masks,
+               "weights": [w.tolist() for w in rewired.get_weights()]}, f)
 dist.destroy_process_group()
 """
 
 
+def site_mask(seed=7):
+    """The training mask of a fresh seeded dropout site on ones, in this (single) process."""
+    inputs = keras.Input((16,))
+    model = keras.Model(
+        inputs, keras.layers.Dense(4)(keras.layers.Dense(32, activation="relu", name="fc1")(inputs))
+    )
+    layer = multidrop.insert_dropout(model, 0.5, seed=seed).get_layer("fc1_multidrop")
+    return np.asarray(
+        keras.ops.convert_to_numpy(layer(np.ones((4, 32), "float32"), training=True)) != 0
+    ).astype(int)
+
+
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="runs in the torch session")
 def test_rewired_model_trains_under_torch_ddp_with_a_mask_per_rank(tmp_path):
+    """Each rank draws its own masks with no user code, reproducibly from the seed; rank 0
+    draws what a single process draws."""
     script = tmp_path / "ddp_step.py"
     script.write_text(DDP_SCRIPT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(script), str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(tmp_path),
+    ]
     env = {**os.environ, "KERAS_BACKEND": "torch"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
-    first, second = (np.array(r["mask"]) for r in ranks)
-    assert not np.array_equal(first, second)  # same input, a different mask on each rank
+    assert [r["rank"] for r in ranks] == [0, 1]
+    first, second = (np.array(r["masks"]) for r in ranks)
+    assert np.array_equal(first[0], first[1]) and np.array_equal(second[0], second[1])  # seeded
+    assert not np.array_equal(first[0], second[0])  # same input and seed, a mask per rank
+    assert np.array_equal(first[0], site_mask())  # rank 0 is what one process draws
+    assert 0.3 < second[0].mean() < 0.7  # rate 0.5 on rank 1 too
     trained = [np.array(w) for w in ranks[0]["weights"]]
     for mine, theirs in zip(trained, ranks[1]["weights"]):
         np.testing.assert_allclose(mine, theirs, rtol=1e-6)  # gradients averaged: replicas agree
+
+
+JAX_PROCESS_SCRIPT = r"""
+import json, sys
+import jax
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import keras, numpy as np
+import multidrop
+from multidrop import distributed
+
+inputs = keras.Input((16,))
+h = keras.layers.Dense(32, activation="relu", name="fc1")(inputs)
+model = keras.Model(inputs, keras.layers.Dense(4)(h))
+layer = multidrop.insert_dropout(model, 0.5, seed=7).get_layer("fc1_multidrop")
+mask = np.asarray(layer(np.ones((4, 32), "float32"), training=True)) != 0
+print(json.dumps({"rank": distributed.rank(), "mask": mask.astype(int).tolist()}))
+"""
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="runs in the jax session")
+def test_each_jax_process_draws_its_own_masks(tmp_path):
+    """Two JAX processes (jax.distributed on CPU, no keras.distribution), one seed: rank 0
+    draws what a single process draws, rank 1 other masks, with no user code."""
+    with socket.socket() as free:
+        free.bind(("localhost", 0))
+        address = f"localhost:{free.getsockname()[1]}"
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", JAX_PROCESS_SCRIPT, address, str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        done = [process.communicate(timeout=300) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()  # one failed: the other waits for it forever
+    for process, (_, err) in zip(processes, done):
+        assert process.returncode == 0, err[-3000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in done]
+
+    assert [r["rank"] for r in results] == [0, 1]
+    first, second = (np.array(r["mask"]) for r in results)
+    assert np.array_equal(first, site_mask())
+    assert not np.array_equal(first, second)
+    assert 0.3 < second.mean() < 0.7
