@@ -5,6 +5,7 @@
     nox -s bench                 # quick benchmark (not in the default set)
     nox -s fuzz                  # long Hypothesis budget (not in the default set)
     nox -s sweep                 # all 40 keras.applications models (not in the default set)
+    nox -s "tests(keras-next)"   # the torch tests on keras-nightly (not in the default set)
     nox -s docs                  # build the documentation into build/site (mkdocs --strict)
     nox -s lint                  # ruff check and ruff format --check
 """
@@ -54,6 +55,23 @@ def tests(session: nox.Session, backend: str) -> None:
 def crossbackend(session: nox.Session) -> None:
     """Run the cross-backend tests: one subprocess per backend, all three installed together."""
     pytest(session, None, "-m", "crossbackend")
+
+
+@nox.session(name="tests(keras-next)", default=False)
+def keras_next(session: nox.Session) -> None:
+    """Run the torch tests on Keras' next release: keras-nightly and keras-hub-nightly."""
+    pins = pathlib.Path("constraints.txt").read_text().splitlines()
+    released = ("keras==", "keras-hub==")
+    constraints = pathlib.Path(session.create_tmp(), "constraints.txt")
+    constraints.write_text("\n".join(p for p in pins if not p.startswith(released)) + "\n")
+    session.install("-c", str(constraints), "-e", ".[torch,jax,tensorflow,test]")
+    # The nightlies ship the same modules as the releases the line above pulled in.
+    session.run("python", "-m", "pip", "uninstall", "-q", "-y", "keras", "keras-hub")
+    session.install("--pre", "--no-deps", "keras-nightly", "keras-hub-nightly")
+    versions = "import keras, keras_hub; print('keras', keras.__version__, keras_hub.__version__)"
+    session.run("python", "-c", versions, env={"KERAS_BACKEND": "torch"})
+    env = {"KERAS_BACKEND": "torch", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    session.run("pytest", "-m", "not crossbackend", *session.posargs, env=env)
 
 
 @nox.session(venv_backend="none", requires=["env"])
