@@ -165,15 +165,42 @@ def _fields(op, opts: SetOptions) -> dict[str, float]:
 
 
 def _covered(call: Call, chosen: list[Call], top: Call) -> bool:
-    """True for a layer inside a subclassed model whose own fields are set: a keras-hub
-    backbone's blocks follow its ``dropout``, so they get no rows of their own."""
+    """True for a layer whose rates follow a model's own field: inside a chosen subclassed
+    model (a keras-hub backbone's blocks follow its ``dropout``), with no subclassed model
+    with fields of its own in between (a task's backbone has its own ``dropout``)."""
     if call is top:
         return False
-    if top in chosen and not rebuild.is_plain(top.operation):
+    owners = {c.qualname for c in chosen if c is not top and _owns(c.operation)}
+    enclosing = ["/".join(call.path[: i + 1]) for i in range(len(call.path))]
+    if any(name in owners for name in enclosing):
         return True
-    owners = {c.qualname for c in chosen
-              if graph.is_graph_model(c.operation) and not rebuild.is_plain(c.operation)}
-    return any("/".join(call.path[: i + 1]) in owners for i in range(len(call.path)))
+    return top in chosen and _owns(top.operation) and not (
+        graph.is_graph_model(call.operation) and _owns(call.operation)
+    )
+
+
+def _owns(model) -> bool:
+    return graph.is_graph_model(model) and not rebuild.is_plain(model) and bool(rate_fields(model))
+
+
+def nested_config(config, changes: dict[str, dict]):
+    """``config`` (a model's, as ``get_config`` gives it) with ``changes`` (``{layer name:
+    {field: rate}}``) applied wherever a nested layer's serialized config has that name (a
+    keras-hub task's ``backbone``), and the names found."""
+    found = set()
+
+    def edit(value):
+        if isinstance(value, dict):
+            inner = value.get("config")
+            if "class_name" in value and isinstance(inner, dict) and inner.get("name") in changes:
+                found.add(inner["name"])
+                value = {**value, "config": {**inner, **changes[inner["name"]]}}
+            return {key: edit(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [edit(item) for item in value]
+        return value
+
+    return edit(config), found
 
 
 def _config_keys(call: Call) -> list[str]:

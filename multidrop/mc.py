@@ -189,9 +189,10 @@ def _split(view) -> tuple:
     frontier: dict[int, object] = {}
     for node in graph.nodes(view):
         op = node.operation
-        stochastic = any(isinstance(layer, MonteCarlo) for layer in _keras.all_layers(op)) or any(
-            id(t) in random_ids for t in node.input_tensors
+        holds_dropout = isinstance(op, keras.layers.Layer) and any(
+            isinstance(layer, MonteCarlo) for layer in _keras.all_layers(op)
         )
+        stochastic = holds_dropout or any(id(t) in random_ids for t in node.input_tensors)
         if stochastic:
             random_ids.update(id(t) for t in node.outputs)
             frontier.update((id(t), t) for t in node.input_tensors if id(t) not in random_ids)

@@ -122,17 +122,28 @@ def set_dropout(model, rate, where=None, **options) -> keras.Model:
     opts = build(SetOptions, "set_dropout", rate=rate, where=where, **options)
     the_plan = fields.changes(model, opts)
     new = the_plan.by_layer()
-    inside = {name for c in the_plan for name in c.qualname.split("/")[:-1]}
+    by_name = {c.layer.name: new[id(c.layer)] for c in the_plan}
     base = _cloner(opts.share_weights)
 
     def clone(op):
-        if id(op) in new:
-            return clone_with_config(op, new[id(op)])
-        if graph.is_graph_model(op) and op.name in inside:
-            return None  # its class cannot express a change inside it: rebuilt as Functional
-        return base(op)
+        inside = {c.layer.name for c in the_plan if c.layer is not op and _within(c, op, model)}
+        if not inside:
+            return clone_with_config(op, new[id(op)]) if id(op) in new else base(op)
+        # A model cloned whole keeps its class when its config holds the layers changed
+        # inside it (a keras-hub task holds its backbone's); else it is rebuilt as Functional.
+        config, found = fields.nested_config(op.get_config(), {n: by_name[n] for n in inside})
+        if found != inside:
+            return None
+        return clone_with_config(op, {**config, **new.get(id(op), {})})
 
     return rebuild(model, clone=clone)
+
+
+def _within(change, op, top) -> bool:
+    """The changed layer lies inside graph model ``op`` (``top`` holds every layer)."""
+    if not graph.is_graph_model(op):
+        return False
+    return op is top or op.name in change.qualname.split("/")[:-1]
 
 
 def _cloner(share_weights: bool):

@@ -285,3 +285,18 @@ def test_mc_predict_samples_through_built_in_dropout():
     assert_snapshot_equal(before, snapshot(clone))  # sampling writes nothing of the model
     _, spread = multidrop.mc_predict(multidrop.set_dropout(backbone, 0.0), x, samples=4, seed=0)
     assert all(np.max(s) == 0 for s in keras.tree.flatten(spread))
+
+
+def test_hub_task_keeps_class_and_sets_its_backbone_too():
+    """A task's own ``dropout`` drives only its head: its backbone is a row of its own, and
+    the clone, still a BertTextClassifier, carries both in its config."""
+    backbone = tiny_backbone(keras_hub.models.BertBackbone)
+    task = keras_hub.models.BertTextClassifier(backbone=backbone, preprocessor=None, num_classes=2)
+    rows = [(c.qualname, c.field, c.new) for c in multidrop.set_plan(task, 0.2)]
+    assert rows == [(task.name, "dropout", 0.2), (backbone.name, "dropout", 0.2)]
+    clone = multidrop.set_dropout(task, 0.2)
+    assert type(clone) is keras_hub.models.BertTextClassifier
+    assert clone.get_config()["dropout"] == clone.backbone.get_config()["dropout"] == 0.2
+    assert backbone.get_config()["dropout"] == 0.1
+    x = token_inputs(backbone)
+    assert_identical(task(x, training=False), clone(x, training=False))
