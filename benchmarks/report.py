@@ -30,7 +30,8 @@ def markdown(results: dict) -> str:
     reference = "native" if native else "keras"
     header = ["model", "jit_compile", "batch", "sites", "step ms, no dropout"]
     header += ["native PyTorch added ms"] * native + [f"{LABELS[d]} added ms" for d in DROPOUTS]
-    header += ["seeded / unseeded", "floor ms", "peak MiB (none / multidrop)"]
+    header += ["seeded / unseeded", "floor ms", "peak MiB (none / multidrop)",
+               f"saved B/elem ({'native / ' * native}Keras / multidrop)"]
     rows = []
     for row in results["rows"]:
         added = row["added"]
@@ -53,6 +54,9 @@ def markdown(results: dict) -> str:
         cells.append("n/a" if row["floor_ms"] is None else f"{row['floor_ms']:.3f}")
         peaks = [row["variants"][v]["peak_mib"] for v in ("none", "multidrop")]
         cells.append("n/a" if None in peaks else " / ".join(f"{p:.0f}" for p in peaks))
+        saved = row.get("saved_bytes_per_element")
+        names = ("native", "keras", "multidrop") if native else ("keras", "multidrop")
+        cells.append("n/a" if not saved else " / ".join(f"{saved[n]:.2f}" for n in names))
         rows.append(cells)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
@@ -65,7 +69,9 @@ def markdown(results: dict) -> str:
     caption = (
         f"{results['backend']} backend, {results['device']}; rate {settings['rate']}, median of "
         f"{settings['reps']} interleaved samples of {settings['steps']} steps (±half the "
-        f"interquartile range); (n×) = added time over {against}."
+        f"interquartile range); (n×) = added time over {against}. Saved B/elem: the bytes "
+        "autograd keeps for backward per dropout element, over the model without dropout "
+        "(one eager forward pass; PyTorch only)."
     )
     return "\n".join(lines) + "\n\n" + caption + "\n"
 

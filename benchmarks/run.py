@@ -144,7 +144,8 @@ def _benchmark(name, mode, size_name, args, device, bandwidth) -> dict:
     x = rng.normal(size=(size.batch, *model.input_shape[1:])).astype("float32")
     y = rng.integers(0, models.CLASSES, size.batch)
     steps = {}
-    for variant, net in models.keras_variants(model, args.rate).items():
+    variants = models.keras_variants(model, args.rate)
+    for variant, net in variants.items():
         net.compile(
             optimizer=keras.optimizers.SGD(0.01),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -154,8 +155,12 @@ def _benchmark(name, mode, size_name, args, device, bandwidth) -> dict:
             net.train_on_batch, keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)
         )
     shapes = models.sites(model, args.rate)
+    elements = size.batch * sum(int(np.prod(shape)) for shape in shapes)
+    saved = None
     if keras.backend.backend() == "torch":
-        steps.update(_twin_steps(name, size, args.rate, len(shapes), x, y, mode == "compiled"))
+        twin_steps, twin_nets = _twins(name, size, args.rate, len(shapes), x, y, mode == "compiled")
+        steps.update(twin_steps)
+        saved = _saved_per_element(variants, twin_nets, x, elements)
     samples = timing.interleave(steps, device, reps=args.reps, warmup=args.warmup, steps=args.steps)
 
     ms = {v: s["ms"] for v, s in samples.items()}
@@ -168,7 +173,6 @@ def _benchmark(name, mode, size_name, args, device, bandwidth) -> dict:
     for v in ("keras", "multidrop", "multidrop seeded"):
         ratios[f"{v}/native"] = timing.ratio(added[v], added.get("native"))
         ratios[f"{v}/keras"] = timing.ratio(added[v], added["keras"])
-    elements = size.batch * sum(int(np.prod(shape)) for shape in shapes)
     # float32: forward reads x, writes y and a 1-byte mask; backward reads dy and mask, writes dx
     floor_bytes = elements * (4 * 4 + 2)
     return {
@@ -187,11 +191,13 @@ def _benchmark(name, mode, size_name, args, device, bandwidth) -> dict:
         "added": added,
         "seeded_minus_unseeded": timing.added(ms["multidrop seeded"], ms["multidrop"]),
         "ratios": ratios,
+        "saved_bytes_per_element": saved,
     }
 
 
-def _twin_steps(name, size, rate, sites, x, y, compiled) -> dict:
-    """``torch none`` and ``torch dropout``: the twin without and with nn.Dropout."""
+def _twins(name, size, rate, sites, x, y, compiled) -> tuple[dict, dict]:
+    """``torch none`` and ``torch dropout``, the twin without and with nn.Dropout: their
+    training steps, and the nets."""
     import torch
 
     from benchmarks import twins
@@ -199,15 +205,33 @@ def _twin_steps(name, size, rate, sites, x, y, compiled) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tx = twins.to_twin_input(torch.from_numpy(x)).to(device)
     ty = torch.from_numpy(y).to(device)
-    steps = {}
+    steps, nets = {}, {}
     for variant, r in (("torch none", 0.0), ("torch dropout", rate)):
-        net = twins.build(name, size, r).to(device)
+        net = nets[variant] = twins.build(name, size, r).to(device)
         found = sum(isinstance(m, torch.nn.Dropout) for m in net.modules())
         if r and found != sites:
             raise AssertionError(f"the {name} twin has {found} dropout sites, multidrop {sites}")
         step = twins.train_step(net, compiled)
         steps[variant] = functools.partial(step, tx, ty)
-    return steps
+    return steps, nets
+
+
+def _saved_per_element(variants: dict, twin_nets: dict, x, elements: int) -> dict:
+    """Bytes autograd keeps for backward per dropout element, over the model without
+    dropout: one eager forward pass in training mode of each Keras variant and twin."""
+    import torch
+
+    from benchmarks import timing, twins
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    kx = torch.from_numpy(x).to(device)
+    tx = twins.to_twin_input(kx)
+    saved = {v: timing.saved_bytes(lambda n=net: n(kx, training=True))
+             for v, net in variants.items()}
+    saved.update({v: timing.saved_bytes(lambda n=net: n(tx)) for v, net in twin_nets.items()})
+    per_element = {v: (saved[v] - saved["none"]) / elements for v in variants if v != "none"}
+    per_element["native"] = (saved["torch dropout"] - saved["torch none"]) / elements
+    return per_element
 
 
 def _fresh_dynamo() -> None:

@@ -1,4 +1,4 @@
-"""Interleaved timing of training steps, and what the device can tell about itself.
+"""Interleaved timing of training steps, bytes saved for backward, and the device.
 
 Every variant of one model is timed in the same process, round-robin: each
 repetition times ``steps`` consecutive steps of every variant once, the order
@@ -109,11 +109,16 @@ class Device:
         return 2 * source.numel() / best / 1e9
 
 
-def interleave(steps_by_name: dict, device: Device, *, reps: int, warmup: int, steps: int) -> dict:
+def interleave(
+    steps_by_name: dict, device: Device, *, reps: int, warmup: int, steps: int,
+    clock=time.perf_counter,
+) -> dict:
     """Time each ``step()`` round-robin; returns ``{name: {"ms": [...], "peak_mib": ...}}``.
 
     Each callable runs ``warmup`` times first (compilation happens there); then
-    each of ``reps`` samples is the mean time of ``steps`` consecutive steps.
+    each of ``reps`` samples is the mean time of ``steps`` consecutive steps, read
+    from ``clock`` (wall time; ``time.process_time``, this process's CPU time, is
+    steadier on a shared machine for one thread).
     """
     names = list(steps_by_name)
     results = {name: {"ms": [], "peak_mib": None} for name in names}
@@ -131,16 +136,33 @@ def interleave(steps_by_name: dict, device: Device, *, reps: int, warmup: int, s
             for name in names[rep % len(names) :] + names[: rep % len(names)]:
                 device.reset_peak_memory()
                 device.sync()
-                start = time.perf_counter()
+                start = clock()
                 for _ in range(steps):
                     steps_by_name[name]()
                 device.sync()
-                results[name]["ms"].append((time.perf_counter() - start) / steps * 1e3)
+                results[name]["ms"].append((clock() - start) / steps * 1e3)
                 peak = device.peak_memory_mib()
                 if peak is not None:
                     results[name]["peak_mib"] = max(peak, results[name]["peak_mib"] or 0.0)
                 progress.advance(task)
     return results
+
+
+def saved_bytes(forward) -> int:
+    """Bytes of the tensors PyTorch's autograd saves for backward while ``forward()`` runs,
+    each storage counted once (weights included: subtract a baseline's)."""
+    import torch
+
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(storages.values())
 
 
 def summary(samples: list[float]) -> dict:
