@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from multidrop import graph, kinds, rebuild, render, select
 from multidrop.graph import Call
 from multidrop.options import SetOptions
+from multidrop.plan import check_names
 
 _NAME = re.compile(r"(^|_)(dropout|dropout_rate|drop_rate|drop_path_rate)$")
 # Keras picks another kernel once these fields are non-zero, even at inference, so the
@@ -131,6 +132,7 @@ def changes(model, opts: SetOptions) -> FieldPlan:
             )
     else:
         selector = select.coerce(opts.where)
+        check_names(selector.names, calls, dict.fromkeys(map(id, calls)), model)
         chosen = [c for c, keep in zip(calls, selector(calls)) if keep]
         if not chosen:
             raise ValueError(f"where={selector} matched no layer of model '{model.name}'.")

@@ -145,7 +145,7 @@ def decide(model, opts: Options) -> Plan:
     reasons = {id(c): _why_not(c, opts.include_outputs, opts.mc) for c in calls}
     candidates = [c for c in calls if reasons[id(c)] is None]
     rate_names = tuple(opts.rate) if isinstance(opts.rate, Mapping) else ()
-    _check_names(selector.names + rate_names, calls, reasons, model, opts.recursive)
+    check_names(selector.names + rate_names, calls, reasons, model, opts.recursive)
     chosen = [c for c, keep in zip(candidates, selector(candidates)) if keep]
     note = _skipped_note(calls, opts.mc)
     if not chosen:
@@ -246,7 +246,9 @@ def _why_not(call: Call, include_outputs: bool, mc: bool) -> str | None:
     return None
 
 
-def _check_names(names, calls, reasons, model, recursive) -> None:
+def check_names(names, calls, reasons, model, recursive: bool = True) -> None:
+    """Raise for a name that is no call of ``calls`` (with the closest names), or whose
+    calls all have a reason (``reasons[id(call)]``) not to take a dropout."""
     for name in names:
         matches = [c for c in calls if name in (c.name, c.qualname)]
         if not matches:
