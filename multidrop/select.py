@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import keras
 
-from multidrop import _keras
+from multidrop import _keras, options
 from multidrop.graph import Call
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "layers",
     "names",
     "regex",
+    "residual_branches",
     "trainable",
     "where",
     "within",
@@ -204,8 +205,49 @@ def last(n: int) -> Selector:
 
 
 def _check_count(n, what: str) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"select.{what}(n) needs a positive int, got n={n!r}")
+    options.check_int(n, f"n of select.{what}(n)", minimum=1)
+
+
+def residual_branches() -> Selector:
+    """The branch of every residual connection: for each ``Add`` of two tensors (an
+    ``Add`` layer or an ``x + y`` op node), the call that makes the branch input, so
+    that a dropout there (``kind="stochastic_depth"``) drops the branch, not the sum.
+
+    The branch is the input with the longer path from the model's inputs; the shortcut
+    is the other one, an identity or a short projection (ResNet's 1x1 conv + BN). On a
+    tie the second input is the branch (``x + f(x)``). Residuals that are not graph
+    nodes (inside a keras-hub ``TransformerEncoder``'s ``call()``) cannot be reached.
+
+    Example:
+        >>> multidrop.insert_dropout(resnet, multidrop.linear(0.1),
+        ...                          where=select.residual_branches(), kind="stochastic_depth")
+    """
+    return Selector(_branch_mask, "residual_branches()")
+
+
+def _branch_mask(calls: list[Call]) -> list[bool]:
+    made_by = {id(t): c for c in calls for t in c.outputs}
+    depth: dict[int, int] = {}
+    for c in calls:
+        before = [depth[id(made_by[id(t)])] for t in c.node.input_tensors if id(t) in made_by]
+        depth[id(c)] = 1 + max(before, default=0)
+    branches = set()
+    for c in calls:
+        inputs = c.node.input_tensors
+        if not _is_add(c.operation) or len(inputs) != 2:
+            continue
+        known = [made_by.get(id(t)) for t in inputs]
+        levels = [depth[id(k)] if k is not None else 0 for k in known]
+        branch = known[0] if levels[0] > levels[1] else known[1]
+        if branch is not None:
+            branches.add(id(branch))
+    return [id(c) in branches for c in calls]
+
+
+def _is_add(op) -> bool:
+    return isinstance(op, keras.layers.Add) or (
+        not isinstance(op, keras.layers.Layer) and type(op).__name__ == "Add"
+    )
 
 
 def where(test: Callable[[keras.Operation], bool]) -> Selector:
