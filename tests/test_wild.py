@@ -66,10 +66,13 @@ def string_lookup():
 def embedding_lstm():
     """The issue's case 2: ValueError "Only instances of keras.Layer can be added to a
     Sequential model. Received: <Operation name=not_equal>" (the mask's op node)."""
-    s = keras.Sequential([
-        keras.Input((None,), dtype="int32"), layers.Embedding(50, 4, mask_zero=True),
-        layers.LSTM(4),
-    ])
+    s = keras.Sequential(
+        [
+            keras.Input((None,), dtype="int32"),
+            layers.Embedding(50, 4, mask_zero=True),
+            layers.LSTM(4),
+        ]
+    )
     return s, IDS, {"where": layers.Embedding}
 
 
@@ -106,8 +109,14 @@ def bilstm_tagger():
 
 
 MODELS = [
-    normalization, discretization, integer_lookup, embedding_lstm, masking_lstm,
-    functional_masks, time_distributed, bilstm_tagger,
+    normalization,
+    discretization,
+    integer_lookup,
+    embedding_lstm,
+    masking_lstm,
+    functional_masks,
+    time_distributed,
+    bilstm_tagger,
 ]
 if keras.backend.backend() == "tensorflow":  # Keras has string tensors on TensorFlow only
     MODELS.append(string_lookup)
@@ -120,9 +129,11 @@ def test_rewired_model_answers_bitwise_round_trips_and_leaves_the_original(make,
 
     rewired = multidrop.insert_dropout(model, 0.5, seed=1, **options)
 
-    assert len(multidrop.plan(model, 0.5, **options)) == sum(
-        "_multidrop" in layer.name for layer in rewired.layers
-    ) > 0
+    assert (
+        len(multidrop.plan(model, 0.5, **options))
+        == sum("_multidrop" in layer.name for layer in rewired.layers)
+        > 0
+    )
     assert_identical(rewired(x, training=False), answer)
     rewired.save(tmp_path / "rewired.keras")
     assert_identical(keras.saving.load_model(tmp_path / "rewired.keras")(x), answer)
