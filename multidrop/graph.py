@@ -98,6 +98,16 @@ class ListGraph:
     outputs: list
     nodes: list
 
+    @property
+    def output_names(self) -> list[str]:
+        return [self.layers[-1].name]
+
+
+def inputs_struct(model):
+    """The nesting (dict, list, one tensor) of a graph model's inputs."""
+    whole = graph_of(model)
+    return whole.inputs[0] if isinstance(whole, ListGraph) else _keras.inputs_struct(whole)
+
 
 def is_graph_model(obj) -> bool:
     """True for the models multidrop can rewire: Functional and Sequential."""

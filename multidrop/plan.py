@@ -274,7 +274,7 @@ def _check_rate_names(rate_names, chosen, selector) -> None:
 
 def _input_names(model, calls) -> set[str]:
     models = [model, *(c.operation for c in calls if graph.is_graph_model(c.operation))]
-    return {t._keras_history.operation.name for m in models for t in graph.graph_of(m).inputs}
+    return {_keras.producer(t).name for m in models for t in graph.graph_of(m).inputs}
 
 
 def _new_name(call: Call, taken: set[str]) -> str:

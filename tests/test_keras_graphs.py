@@ -187,6 +187,13 @@ def test_a_sequential_without_a_graph_is_rewired_as_a_list(make):
     assert mean.shape == (len(X), 2) and std.max() > 0
 
 
+def test_verify_checks_a_sequential_without_a_graph():
+    model, x = deferred_sequential()
+    rewired = multidrop.insert_dropout(model, 0.5)
+    assert multidrop.verify(model, rewired, x).ok
+    assert multidrop.verify(model, rewired).ok  # inputs generated from the list's first input
+
+
 def test_a_nested_call_with_training_true_gets_no_dropout_unless_asked():
     model, _ = forced_training()
     plan = multidrop.plan(model, 0.5)

@@ -62,13 +62,13 @@ def sample_inputs(model: keras.Model, *, batch_size: int = 2, seed: int = 0):
 
 def pack(model, arrays: list):
     """``arrays``, one per input of ``model`` in order, nested as ``model`` takes them."""
-    return keras.tree.pack_sequence_as(_keras.inputs_struct(graph.graph_of(model)), arrays)
+    return keras.tree.pack_sequence_as(graph.inputs_struct(model), arrays)
 
 
 def flat_inputs(model, x) -> list[np.ndarray]:
     """``x`` as a list of numpy arrays in the order of ``model.inputs``."""
     inputs = graph.graph_of(model).inputs
-    if isinstance(x, dict) and not isinstance(_keras.inputs_struct(graph.graph_of(model)), dict):
+    if isinstance(x, dict) and not isinstance(graph.inputs_struct(model), dict):
         x = [x[t.name] for t in inputs]
     arrays = [keras.ops.convert_to_numpy(a) for a in keras.tree.flatten(x)]
     if len(arrays) != len(inputs):
