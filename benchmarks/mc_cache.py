@@ -112,6 +112,7 @@ def main(argv=None) -> dict:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"mc_cache_{keras.backend.backend()}.json").write_text(json.dumps(result, indent=2))
+    (out / f"mc_cache_{keras.backend.backend()}.md").write_text(f"```text\n{render.text(table)}```\n")
     return result
 
 

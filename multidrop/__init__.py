@@ -18,6 +18,7 @@ from multidrop.mc import mc_predict
 from multidrop.options import Options
 from multidrop.plan import Plan, Site, plan
 from multidrop.rewire import insert_dropout, remove_dropout, set_dropout, set_plan
+from multidrop.search import SearchResult, search
 from multidrop.uncertainty import (
     UncertaintyReport,
     evaluate_uncertainty,
@@ -32,6 +33,7 @@ from multidrop.verify import cross_backend, verify
 
 __all__ = [
     "Options",
+    "SearchResult",
     "UncertaintyReport",
     "evaluate_uncertainty",
     "expected_entropy",
@@ -48,6 +50,7 @@ __all__ = [
     "plan",
     "predictive_entropy",
     "remove_dropout",
+    "search",
     "select",
     "set_dropout",
     "set_plan",
