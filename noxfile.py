@@ -1,13 +1,13 @@
 """Test sessions for multidrop: one per Keras backend, plus cross-backend, benchmarks and fuzzing.
 
-    nox                          # tests on torch, jax and tensorflow, crossbackend, docs, lint
-    nox -s "tests(jax)" -- -k nested
-    nox -s bench                 # quick benchmark (not in the default set)
-    nox -s fuzz                  # long Hypothesis budget (not in the default set)
-    nox -s sweep                 # all 40 keras.applications models (not in the default set)
-    nox -s "tests(keras-next)"   # the torch tests on keras-nightly (not in the default set)
-    nox -s docs                  # build the documentation into build/site (mkdocs --strict)
-    nox -s lint                  # ruff check and ruff format --check
+nox                          # tests on torch, jax and tensorflow, crossbackend, docs, lint
+nox -s "tests(jax)" -- -k nested
+nox -s bench                 # quick benchmark (not in the default set)
+nox -s fuzz                  # long Hypothesis budget (not in the default set)
+nox -s sweep                 # all 40 keras.applications models (not in the default set)
+nox -s "tests(keras-next)"   # the torch tests on keras-nightly (not in the default set)
+nox -s docs                  # build the documentation into build/site (mkdocs --strict)
+nox -s lint                  # ruff check and ruff format --check
 """
 
 import pathlib
@@ -33,8 +33,16 @@ def env(session: nox.Session) -> None:
     if not (BIN / "python").exists():
         session.run(sys.executable, "-m", "venv", str(SHARED))
     session.run(
-        str(BIN / "python"), "-m", "pip", "install", "-q", "-c", "constraints.txt",
-        "-e", ".[torch,jax,tensorflow,test]", external=True,
+        str(BIN / "python"),
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "-c",
+        "constraints.txt",
+        "-e",
+        ".[torch,jax,tensorflow,test]",
+        external=True,
     )
 
 
@@ -101,7 +109,13 @@ def install(session: nox.Session, requirement: str) -> None:
 @nox.parametrize("backend", BACKENDS, ids=BACKENDS)
 def fuzz(session: nox.Session, backend: str) -> None:
     """Property tests on random graphs with the long Hypothesis budget (profile "fuzz")."""
-    pytest(session, backend, "tests/test_fuzz.py", "--hypothesis-show-statistics", HYPOTHESIS_PROFILE="fuzz")
+    pytest(
+        session,
+        backend,
+        "tests/test_fuzz.py",
+        "--hypothesis-show-statistics",
+        HYPOTHESIS_PROFILE="fuzz",
+    )
 
 
 @nox.session(venv_backend="none", requires=["env"], default=False)

@@ -43,25 +43,48 @@ def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.floor", description=__doc__.split("\n\n")[1]
     )
-    parser.add_argument("--backend", choices=(*BACKENDS, "all"), default="all",
-                        help="Keras backend; all runs one subprocess each (default: all)")
-    parser.add_argument("--sizes", help="comma-separated element counts (default: 4096 * 4**k, "
-                        "up to 16M)")
-    parser.add_argument("--sites", action="store_true",
-                        help="also the dropout sites' shapes of the model benchmark (cpu sizes)")
-    parser.add_argument("--modes", help="comma-separated, from eager,compiled (torch), jit (jax), "
-                        "function (tensorflow) (default: all)")
+    parser.add_argument(
+        "--backend",
+        choices=(*BACKENDS, "all"),
+        default="all",
+        help="Keras backend; all runs one subprocess each (default: all)",
+    )
+    parser.add_argument(
+        "--sizes", help="comma-separated element counts (default: 4096 * 4**k, up to 16M)"
+    )
+    parser.add_argument(
+        "--sites",
+        action="store_true",
+        help="also the dropout sites' shapes of the model benchmark (cpu sizes)",
+    )
+    parser.add_argument(
+        "--modes",
+        help="comma-separated, from eager,compiled (torch), jit (jax), "
+        "function (tensorflow) (default: all)",
+    )
     parser.add_argument("--rate", type=float, default=0.2, help="dropout rate (default: 0.2)")
-    parser.add_argument("--reps", type=int, default=9,
-                        help="interleaved samples per variant (default: 9)")
+    parser.add_argument(
+        "--reps", type=int, default=9, help="interleaved samples per variant (default: 9)"
+    )
     parser.add_argument("--threads", type=int, help="CPU threads (default: the frameworks')")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall time, or this process's CPU time (steadier on a shared "
-                        "machine with --threads 1) (default: wall)")
-    parser.add_argument("--quick", action="store_true",
-                        help="4K and 64K elements, eager PyTorch, 3 samples: a smoke test")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results"),
-                        help="output directory (default: benchmarks/results)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or this process's CPU time (steadier on a shared "
+        "machine with --threads 1) (default: wall)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="4K and 64K elements, eager PyTorch, 3 samples: a smoke test",
+    )
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=pathlib.Path("benchmarks/results"),
+        help="output directory (default: benchmarks/results)",
+    )
     parser.add_argument("--json", type=pathlib.Path, help=argparse.SUPPRESS)  # a child's results
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else {}).items():
@@ -92,8 +115,11 @@ def main(argv=None) -> int:
         if args.json:  # a child of --backend all: the parent reports
             args.json.write_text(json.dumps(results[0]))
             return 0
-    merged = {"machine": results[0]["machine"], "settings": results[0]["settings"],
-              "backends": {r["backend"]: r for r in results}}
+    merged = {
+        "machine": results[0]["machine"],
+        "settings": results[0]["settings"],
+        "backends": {r["backend"]: r for r in results},
+    }
     table = markdown(merged)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -111,19 +137,30 @@ def _child(backend: str, argv) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "results.json"
         env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        command = [sys.executable, "-m", "benchmarks.floor", *argv, "--backend", backend,
-                   "--json", str(out)]
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.floor",
+            *argv,
+            "--backend",
+            backend,
+            "--json",
+            str(out),
+        ]
         subprocess.run(command, env=env, check=True)
         return json.loads(out.read_text())
 
 
 # ---- one backend, in this process ----------------------------------------------------------
 
+
 def _run_backend(args) -> dict:
     os.environ["KERAS_BACKEND"] = args.backend
     if args.backend == "jax" and args.threads == 1:  # before jax is imported
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
-                                   "=false intra_op_parallelism_threads=1")
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
+            "=false intra_op_parallelism_threads=1"
+        )
     import keras
 
     from benchmarks import run, timing
@@ -133,8 +170,9 @@ def _run_backend(args) -> dict:
     run._set_threads(args.threads)
     device = timing.Device.detect()
     threads = _threads(args.backend)
-    print(f"floor benchmark: {args.backend}, {device.describe()}, {threads} threads",
-          file=sys.stderr)
+    print(
+        f"floor benchmark: {args.backend}, {device.describe()}, {threads} threads", file=sys.stderr
+    )
     shapes = [_shape(n) for n in args.sizes] + (_site_shapes(args.rate) if args.sites else [])
     modes = [m for m in MODES[args.backend] if m in args.modes]
     rows = []
@@ -149,21 +187,33 @@ def _run_backend(args) -> dict:
         per_sample = max(1, min(64, 2**20 // elements))  # ~1M elements of work per sample
         names = {f"{m}|{v}": step for (m, v), step in steps.items()}
         clock = time.perf_counter if args.clock == "wall" else time.process_time
-        samples = timing.interleave(names, device, reps=args.reps, warmup=2, steps=per_sample,
-                                    clock=clock)
+        samples = timing.interleave(
+            names, device, reps=args.reps, warmup=2, steps=per_sample, clock=clock
+        )
         for mode in modes:
             ms = {v: samples[f"{mode}|{v}"]["ms"] for v in VARIANTS}
-            rows.append({"mode": mode, "shape": list(shape), "elements": elements,
-                         "variants": {v: {**timing.summary(ms[v]), "samples_ms": ms[v]}
-                                      for v in VARIANTS},
-                         "saved_bytes_per_element": memory or None})
+            rows.append(
+                {
+                    "mode": mode,
+                    "shape": list(shape),
+                    "elements": elements,
+                    "variants": {
+                        v: {**timing.summary(ms[v]), "samples_ms": ms[v]} for v in VARIANTS
+                    },
+                    "saved_bytes_per_element": memory or None,
+                }
+            )
     return {
         "backend": args.backend,
         "machine": _machine(device),
         "threads": threads,
         "versions": run._versions(),
-        "settings": {"rate": args.rate, "reps": args.reps, "threads": args.threads,
-                     "clock": args.clock},
+        "settings": {
+            "rate": args.rate,
+            "reps": args.reps,
+            "threads": args.threads,
+            "clock": args.clock,
+        },
         "rows": rows,
     }
 
@@ -325,8 +375,11 @@ def _threads(backend: str) -> int | None:
         import tensorflow as tf
 
         return tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
-    return 1 if "intra_op_parallelism_threads=1" in os.environ.get("XLA_FLAGS", "") else (
-        os.cpu_count())
+    return (
+        1
+        if "intra_op_parallelism_threads=1" in os.environ.get("XLA_FLAGS", "")
+        else (os.cpu_count())
+    )
 
 
 def _machine(device) -> str:
@@ -335,29 +388,48 @@ def _machine(device) -> str:
 
 # ---- report ----------------------------------------------------------------------------------
 
-LABELS = {"floor": "floor (x * c)", "native": "native", "keras": "Keras Dropout",
-          "multidrop": "multidrop", "multidrop seeded": "multidrop seeded"}
+LABELS = {
+    "floor": "floor (x * c)",
+    "native": "native",
+    "keras": "Keras Dropout",
+    "multidrop": "multidrop",
+    "multidrop seeded": "multidrop seeded",
+}
 
 
 def markdown(results: dict) -> str:
     """One row per backend, mode and size: ms (median ±half IQR) and ratios."""
-    header = ["backend", "mode", "elements", *(f"{LABELS[v]} ms" for v in VARIANTS),
-              "multidrop / floor", "multidrop / native", "seeded / unseeded",
-              "saved B/elem (native / Keras / multidrop)"]
+    header = [
+        "backend",
+        "mode",
+        "elements",
+        *(f"{LABELS[v]} ms" for v in VARIANTS),
+        "multidrop / floor",
+        "multidrop / native",
+        "seeded / unseeded",
+        "saved B/elem (native / Keras / multidrop)",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for backend, result in results["backends"].items():
         for row in result["rows"]:
             med = {v: s["median_ms"] for v, s in row["variants"].items()}
             cells = [backend, row["mode"], f"{row['elements']:,}"]
+            if row["shape"] != list(_shape(row["elements"])):  # a model site's shape
+                cells[-1] += " (" + "×".join(map(str, row["shape"])) + ")"
             for v in VARIANTS:
                 ratio = "" if v == "floor" else f" ({med[v] / med['floor']:.1f}×)"
                 cells.append(_ms(row["variants"][v]) + ratio)
-            cells += [f"{med['multidrop'] / med['floor']:.2f}",
-                      f"{med['multidrop'] / med['native']:.2f}",
-                      f"{med['multidrop seeded'] / med['multidrop']:.2f}"]
+            cells += [
+                f"{med['multidrop'] / med['floor']:.2f}",
+                f"{med['multidrop'] / med['native']:.2f}",
+                f"{med['multidrop seeded'] / med['multidrop']:.2f}",
+            ]
             saved = row["saved_bytes_per_element"]
-            cells.append("n/a" if not saved else " / ".join(
-                f"{saved[v]:.2f}" for v in ("native", "keras", "multidrop")))
+            cells.append(
+                "n/a"
+                if not saved
+                else " / ".join(f"{saved[v]:.2f}" for v in ("native", "keras", "multidrop"))
+            )
             lines.append("| " + " | ".join(cells) + " |")
     settings = results["settings"]
     threads = ", ".join(f"{b}: {r['threads']}" for b, r in results["backends"].items())
@@ -379,16 +451,22 @@ def chart(results: dict, path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(b, m) for b, r in results["backends"].items()
-              for m in dict.fromkeys(row["mode"] for row in r["rows"])]
+    panels = [
+        (b, m)
+        for b, r in results["backends"].items()
+        for m in dict.fromkeys(row["mode"] for row in r["rows"])
+    ]
     figure, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.4), squeeze=False)
     for ax, (backend, mode) in zip(axes.flat, panels):
-        rows = sorted((r for r in results["backends"][backend]["rows"] if r["mode"] == mode),
-                      key=lambda r: r["elements"])
+        rows = sorted(
+            (r for r in results["backends"][backend]["rows"] if r["mode"] == mode),
+            key=lambda r: r["elements"],
+        )
         sizes = [r["elements"] for r in rows]
         for v in VARIANTS[1:]:
-            ratios = [r["variants"][v]["median_ms"] / r["variants"]["floor"]["median_ms"]
-                      for r in rows]
+            ratios = [
+                r["variants"][v]["median_ms"] / r["variants"]["floor"]["median_ms"] for r in rows
+            ]
             ax.plot(sizes, ratios, marker="o", markersize=3, label=LABELS[v])
         ax.axhline(1, color="black", linewidth=0.8, linestyle=":")
         ax.set_xscale("log", base=2)

@@ -67,13 +67,19 @@ def main(argv=None) -> dict:
     model = _model(args.quick)
     x = np.random.default_rng(0).random((args.batch, *model.input_shape[1:]), "float32")
     cases = {
-        "last 3 sites": multidrop.insert_dropout(model, 0.2, where=select.activations() & select.last(3)),
-        "first site": multidrop.insert_dropout(model, 0.2, where=select.activations() & select.first(1)),
+        "last 3 sites": multidrop.insert_dropout(
+            model, 0.2, where=select.activations() & select.last(3)
+        ),
+        "first site": multidrop.insert_dropout(
+            model, 0.2, where=select.activations() & select.first(1)
+        ),
     }
     rows = []
     for case, rewired in cases.items():
         calls = {
-            cache: (lambda c=cache: multidrop.mc_predict(rewired, x, args.samples, seed=0, cache=c))
+            cache: (
+                lambda c=cache, m=rewired: multidrop.mc_predict(m, x, args.samples, seed=0, cache=c)
+            )
             for cache in (True, False)
         }
         peak = {}
@@ -85,34 +91,60 @@ def main(argv=None) -> dict:
         for _ in range(args.reps):  # interleaved
             for cache, call in calls.items():
                 seconds[cache].append(_once(call))
-        (cached, cached_spread), (plain, plain_spread) = _summary(seconds[True]), _summary(seconds[False])
-        rows.append({
-            "case": case, "cached_s": cached, "cached_spread_s": cached_spread,
-            "uncached_s": plain, "uncached_spread_s": plain_spread,
-            "speedup": plain / cached, "peak_growth_mb": {"cached": peak[True], "uncached": peak[False]},
-        })
+        (cached, cached_spread), (plain, plain_spread) = (
+            _summary(seconds[True]),
+            _summary(seconds[False]),
+        )
+        rows.append(
+            {
+                "case": case,
+                "cached_s": cached,
+                "cached_spread_s": cached_spread,
+                "uncached_s": plain,
+                "uncached_spread_s": plain_spread,
+                "speedup": plain / cached,
+                "peak_growth_mb": {"cached": peak[True], "uncached": peak[False]},
+            }
+        )
 
     table = render.table(
         f"mc_predict, {'small CNN' if args.quick else 'ResNet50 64x64'}, batch {args.batch}, "
         f"{args.samples} samples, {keras.backend.backend()}, {platform.machine()}",
-        ("dropout at", "#cached (s)", "#uncached (s)", "#speed-up", "#peak growth cached/uncached (MB)"),
-        caption=f"medians ± half IQR of {args.reps} interleaved calls; peak growth: max RSS increase "
-        "during each variant's first call (the later one can only show what the first did not)",
+        (
+            "dropout at",
+            "#cached (s)",
+            "#uncached (s)",
+            "#speed-up",
+            "#peak growth cached/uncached (MB)",
+        ),
+        caption=f"medians ± half IQR of {args.reps} interleaved calls; peak growth: max RSS "
+        "increase during each variant's first call (the later one can only show what the first "
+        "did not)",
     )
     for r in rows:
         table.add_row(
-            r["case"], f"{r['cached_s']:.3f} ± {r['cached_spread_s']:.3f}",
-            f"{r['uncached_s']:.3f} ± {r['uncached_spread_s']:.3f}", f"{r['speedup']:.1f}x",
+            r["case"],
+            f"{r['cached_s']:.3f} ± {r['cached_spread_s']:.3f}",
+            f"{r['uncached_s']:.3f} ± {r['uncached_spread_s']:.3f}",
+            f"{r['speedup']:.1f}x",
             f"{r['peak_growth_mb']['cached']:.0f} / {r['peak_growth_mb']['uncached']:.0f}",
         )
     print(render.text(table))
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
-              "backend": keras.backend.backend(), "samples": args.samples, "batch": args.batch,
-              "model": "cnn" if args.quick else "resnet50", "rows": rows}
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.platform(),
+        "backend": keras.backend.backend(),
+        "samples": args.samples,
+        "batch": args.batch,
+        "model": "cnn" if args.quick else "resnet50",
+        "rows": rows,
+    }
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"mc_cache_{keras.backend.backend()}.json").write_text(json.dumps(result, indent=2))
-    (out / f"mc_cache_{keras.backend.backend()}.md").write_text(f"```text\n{render.text(table)}```\n")
+    (out / f"mc_cache_{keras.backend.backend()}.md").write_text(
+        f"```text\n{render.text(table)}```\n"
+    )
     return result
 
 

@@ -13,7 +13,7 @@ import pathlib
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 DROPOUTS = ("keras", "multidrop", "multidrop seeded")
 LABELS = {
@@ -30,8 +30,12 @@ def markdown(results: dict) -> str:
     reference = "native" if native else "keras"
     header = ["model", "jit_compile", "batch", "sites", "step ms, no dropout"]
     header += ["native PyTorch added ms"] * native + [f"{LABELS[d]} added ms" for d in DROPOUTS]
-    header += ["seeded / unseeded", "floor ms", "peak MiB (none / multidrop)",
-               f"saved B/elem ({'native / ' * native}Keras / multidrop)"]
+    header += [
+        "seeded / unseeded",
+        "floor ms",
+        "peak MiB (none / multidrop)",
+        f"saved B/elem ({'native / ' * native}Keras / multidrop)",
+    ]
     rows = []
     for row in results["rows"]:
         added = row["added"]

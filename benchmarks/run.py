@@ -226,8 +226,9 @@ def _saved_per_element(variants: dict, twin_nets: dict, x, elements: int) -> dic
     device = "cuda" if torch.cuda.is_available() else "cpu"
     kx = torch.from_numpy(x).to(device)
     tx = twins.to_twin_input(kx)
-    saved = {v: timing.saved_bytes(lambda n=net: n(kx, training=True))
-             for v, net in variants.items()}
+    saved = {
+        v: timing.saved_bytes(lambda n=net: n(kx, training=True)) for v, net in variants.items()
+    }
     saved.update({v: timing.saved_bytes(lambda n=net: n(tx)) for v, net in twin_nets.items()})
     per_element = {v: (saved[v] - saved["none"]) / elements for v in variants if v != "none"}
     per_element["native"] = (saved["torch dropout"] - saved["torch none"]) / elements

@@ -39,8 +39,12 @@ def main() -> None:
     model = keras.saving.load_model(digits.MODEL_PATH)
     (x, y), validation, _ = digits.load()
     train = (x[:300], y[:300])
-    options = dict(where={"all": "activations"}, loss="sparse_categorical_crossentropy",
-                   epochs=2, batch_size=32)
+    options = dict(
+        where={"all": "activations"},
+        loss="sparse_categorical_crossentropy",
+        epochs=2,
+        batch_size=32,
+    )
     search(model, train, validation, rates=[0.0, 0.1], **options)  # warm-up
 
     readings = []
@@ -60,11 +64,15 @@ def main() -> None:
         search_module._Search.trial = trial
     assert result.trained == len(readings) == TRIALS
     slope = np.polyfit(np.arange(TRIALS), readings, 1)[0]
-    print(f"backend {keras.backend.backend()}: RSS {start:.0f} MB before the search; after "
-          f"trial 1 {readings[0]:.0f} MB, after trial {TRIALS} {readings[-1]:.0f} MB")
-    print(f"growth over {TRIALS} trials: {readings[-1] - start:+.1f} MB from before the search, "
-          f"{readings[-1] - readings[0]:+.1f} MB from trial 1 to {TRIALS} "
-          f"(fitted slope {slope:+.2f} MB per trial)")
+    print(
+        f"backend {keras.backend.backend()}: RSS {start:.0f} MB before the search; after "
+        f"trial 1 {readings[0]:.0f} MB, after trial {TRIALS} {readings[-1]:.0f} MB"
+    )
+    print(
+        f"growth over {TRIALS} trials: {readings[-1] - start:+.1f} MB from before the search, "
+        f"{readings[-1] - readings[0]:+.1f} MB from trial 1 to {TRIALS} "
+        f"(fitted slope {slope:+.2f} MB per trial)"
+    )
     print("per trial (MB):", " ".join(f"{r:.0f}" for r in readings))
 
 

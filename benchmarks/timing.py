@@ -110,7 +110,12 @@ class Device:
 
 
 def interleave(
-    steps_by_name: dict, device: Device, *, reps: int, warmup: int, steps: int,
+    steps_by_name: dict,
+    device: Device,
+    *,
+    reps: int,
+    warmup: int,
+    steps: int,
     clock=time.perf_counter,
 ) -> dict:
     """Time each ``step()`` round-robin; returns ``{name: {"ms": [...], "peak_mib": ...}}``.

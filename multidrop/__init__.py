@@ -11,8 +11,7 @@ Keras has not been imported yet and PyTorch is installed; an explicit
 ``KERAS_BACKEND`` always wins, and ``os.environ`` is left as it was.
 """
 
-from multidrop import _keras  # first: picks the default backend before Keras loads
-from multidrop import select
+from multidrop import _keras, select  # _keras first: it picks the backend before Keras loads
 from multidrop.kinds import linear
 from multidrop.mc import mc_predict
 from multidrop.options import Options
@@ -31,22 +30,23 @@ from multidrop.uncertainty import (
 )
 from multidrop.verify import cross_backend, verify
 
+KERAS_TESTED = _keras.TESTED  # the Keras releases multidrop's suite runs on (and keras-nightly)
+
 __all__ = [
+    "KERAS_TESTED",
     "Options",
+    "Plan",
     "SearchResult",
+    "Site",
     "UncertaintyReport",
+    "cross_backend",
     "evaluate_uncertainty",
     "expected_entropy",
     "fit_temperature",
-    "mutual_information",
-    "temperature_scale",
-    "variation_ratio",
-    "Plan",
-    "Site",
-    "cross_backend",
     "insert_dropout",
     "linear",
     "mc_predict",
+    "mutual_information",
     "plan",
     "predictive_entropy",
     "remove_dropout",
@@ -54,5 +54,7 @@ __all__ = [
     "select",
     "set_dropout",
     "set_plan",
+    "temperature_scale",
+    "variation_ratio",
     "verify",
 ]

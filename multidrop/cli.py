@@ -8,6 +8,9 @@ Example:
     $ multidrop set bert.keras -o bert_02.keras --rate 0.2      # the layers' own dropout rates
     $ multidrop verify bert.keras --edit set --rate 0.2         # ... proven on every backend
     $ multidrop demo                     # the whole job on the bundled digits CNN
+    $ multidrop search model.keras --train train.npz --validation val.npz \\
+          --where head=fc1,fc2 --where all=activations --rates 0,0.2,0.5 --seeds 3 -d search
+    $ multidrop demo search              # does dropout help a small-data fine-tune? measured
 
 Bad input (a missing or unreadable file, a bad option) prints one line to
 stderr and exits with status 2; no traceback. ``multidrop verify`` exits 1
@@ -26,7 +29,9 @@ import rich.console
 
 import multidrop
 from multidrop import select
+from multidrop.demo.search import EPOCHS as DEMO_SEARCH_EPOCHS
 from multidrop.options import Options, SetOptions
+from multidrop.search import STRATEGIES
 
 
 class UsageError(Exception):
@@ -41,9 +46,13 @@ def load_model(path: str):
     if not file.is_file():
         raise UsageError(f"no such model file: {path}")
     if file.suffix != ".keras":
-        raise UsageError(f"{path} is not a .keras file; save the model with model.save('model.keras')")
+        raise UsageError(
+            f"{path} is not a .keras file; save the model with model.save('model.keras')"
+        )
     if not zipfile.is_zipfile(file):
-        raise UsageError(f"{path} is not a .keras archive (not a zip file): it is corrupt or truncated")
+        raise UsageError(
+            f"{path} is not a .keras archive (not a zip file): it is corrupt or truncated"
+        )
     try:
         return keras.saving.load_model(file)
     except Exception as error:
@@ -58,8 +67,10 @@ def parse_rate(text: str):
             return float(text)
         pairs = (item.split("=", 1) for item in text.split(","))
         return {name.strip(): float(value) for name, value in pairs}
-    except ValueError:
-        raise UsageError(f"--rate {text!r} is neither a number nor name=rate pairs like fc1=0.5,fc2=0.3")
+    except ValueError as error:
+        raise UsageError(
+            f"--rate {text!r} is neither a number nor name=rate pairs like fc1=0.5,fc2=0.3"
+        ) from error
 
 
 def parse_where(text: str):
@@ -73,20 +84,31 @@ def parse_where(text: str):
 
 def add_insert_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``insert_dropout`` that every subcommand shares."""
-    parser.add_argument("--rate", default="0.1", help="a float in [0, 1) or name=rate pairs (default 0.1)")
-    parser.add_argument("--where",
-                        help="'activations' (default), 're:PATTERN', or comma-separated layer names")
-    parser.add_argument("--kind", default="dropout", help="dropout, spatial, gaussian, alpha or auto")
+    parser.add_argument(
+        "--rate", default="0.1", help="a float in [0, 1) or name=rate pairs (default 0.1)"
+    )
+    parser.add_argument(
+        "--where", help="'activations' (default), 're:PATTERN', or comma-separated layer names"
+    )
+    parser.add_argument(
+        "--kind", default="dropout", help="dropout, spatial, gaussian, alpha or auto"
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible masks")
     parser.add_argument("--include-outputs", action="store_true", help="also after model outputs")
-    parser.add_argument("--mc", action="store_true", help="keep dropout on at inference (Monte Carlo)")
+    parser.add_argument(
+        "--mc", action="store_true", help="keep dropout on at inference (Monte Carlo)"
+    )
 
 
 def insert_options(args: argparse.Namespace) -> Options:
     """The command line's insert options, validated once as an `Options` record."""
     return Options(
-        rate=parse_rate(args.rate), where=parse_where(args.where or "activations"), kind=args.kind,
-        seed=args.seed, include_outputs=args.include_outputs, mc=args.mc,
+        rate=parse_rate(args.rate),
+        where=parse_where(args.where or "activations"),
+        kind=args.kind,
+        seed=args.seed,
+        include_outputs=args.include_outputs,
+        mc=args.mc,
     )
 
 
@@ -138,8 +160,11 @@ def cmd_verify(args) -> int:
     elif args.where and args.where.startswith("re:"):
         dry_run = multidrop.set_plan if args.edit == "set" else multidrop.plan
         options["where"] = sorted({row.qualname for row in dry_run(model, **options)})
-    tolerances = {name: value for name, value in (("atol", args.atol), ("rtol", args.rtol))
-                  if value is not None}
+    tolerances = {
+        name: value
+        for name, value in (("atol", args.atol), ("rtol", args.rtol))
+        if value is not None
+    }
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     status = rich.console.Console(stderr=True).status(f"verifying on {', '.join(backends)}")
     with status:
@@ -166,8 +191,99 @@ def cmd_demo(args) -> int:
     if args.epochs < 1 or args.samples < 1:
         raise UsageError("--epochs and --samples must be at least 1")
     model = load_model(args.model) if args.model else None
-    demo.run(model, options=insert_options(args), epochs=args.epochs, samples=args.samples,
-             out=args.out)
+    demo.run(
+        model, options=insert_options(args), epochs=args.epochs, samples=args.samples, out=args.out
+    )
+    return 0
+
+
+def load_xy(path: str, option: str):
+    """An ``.npz`` file holding arrays ``x`` and ``y`` -> ``(x, y)``."""
+    import numpy as np
+
+    if not pathlib.Path(path).is_file():
+        raise UsageError(f"{option} {path}: no such file")
+    try:
+        with np.load(path) as arrays:
+            return arrays["x"], arrays["y"]
+    except KeyError as error:
+        message = f"{option} {path} must hold arrays x and y: np.savez(path, x=x, y=y)"
+        raise UsageError(message) from error
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{option} {path} is not an .npz file of arrays: {error}") from error
+
+
+def parse_placements(items) -> dict:
+    """``["head=fc1,fc2", "all=activations"]`` -> ``{"head": ["fc1", "fc2"], "all": ...}``."""
+    placements = {}
+    for item in items or ["all=activations"]:
+        name, equals, where = (part.strip() for part in item.partition("="))
+        if not (name and equals and where):
+            raise UsageError(
+                f"--where {item!r} is not NAME=PLACEMENT; e.g. --where head=fc1,fc2 "
+                "--where all=activations"
+            )
+        placements[name] = parse_where(where)
+    return placements
+
+
+def cmd_search(args) -> int:
+    if importlib.util.find_spec("optuna") is None:
+        raise UsageError("search needs optuna: pip install 'multidrop[search]'")
+    from multidrop.search import search
+
+    try:
+        rates = [float(rate) for rate in args.rates.split(",")]
+    except ValueError:
+        raise UsageError(
+            f"--rates {args.rates!r} is not comma-separated numbers like 0,0.2,0.5"
+        ) from None
+    result = search(
+        load_model(args.model),
+        load_xy(args.train, "--train"),
+        load_xy(args.validation, "--validation"),
+        where=parse_placements(args.where),
+        rates=rates,
+        kind=args.kind,
+        loss=args.loss,
+        optimizer=args.optimizer,
+        metrics=[name.strip() for name in args.metrics.split(",") if name.strip()],
+        objective=args.objective,
+        epochs=args.epochs,
+        seeds=args.seeds,
+        batch_size=args.batch_size,
+        directory=args.directory,
+        strategy=args.strategy,
+        n_trials=args.trials,
+        verbose=True,
+    )
+    print(result)
+    if args.directory:
+        print(
+            f"wrote best.keras and heatmap.png to {args.directory}; "
+            "its search.db resumes the search"
+        )
+    return 0
+
+
+def cmd_demo_search(args) -> int:
+    from multidrop.demo import search
+
+    missing = [
+        name
+        for name in ("sklearn", "matplotlib", "optuna")
+        if importlib.util.find_spec(name) is None
+    ]
+    if missing:
+        raise UsageError(
+            f"demo search needs {' and '.join(missing)}: pip install 'multidrop[demo,search]'"
+        )
+    if args.seeds < 2 or args.epochs < 1 or not 1 <= args.per_class <= 100:
+        raise UsageError(
+            "demo search needs --seeds of at least 2, --epochs of at least 1 and "
+            "--per-class from 1 to 100"
+        )
+    search.run(out=args.out, seeds=args.seeds, epochs=args.epochs, per_class=args.per_class)
     return 0
 
 
@@ -182,42 +298,108 @@ def build_parser() -> argparse.ArgumentParser:
 
     insert = commands.add_parser("insert", help="write a copy of the model with dropout inserted")
     insert.add_argument("model", help="a .keras file")
-    insert.add_argument("-o", "--output", required=True, help="where to write the rewired .keras file")
+    insert.add_argument(
+        "-o", "--output", required=True, help="where to write the rewired .keras file"
+    )
     add_insert_options(insert)
     insert.set_defaults(run=cmd_insert)
 
     verify = commands.add_parser(
-        "verify", help="prove the rewired model answers like the original on every backend")
+        "verify", help="prove the rewired model answers like the original on every backend"
+    )
     verify.add_argument("model", help="a .keras file")
-    verify.add_argument("--backends", default="torch,jax,tensorflow",
-                        help="comma-separated backends to run (default torch,jax,tensorflow)")
+    verify.add_argument(
+        "--backends",
+        default="torch,jax,tensorflow",
+        help="comma-separated backends to run (default torch,jax,tensorflow)",
+    )
     add_insert_options(verify)
     for name, what in (("--atol", "absolute"), ("--rtol", "relative")):
-        verify.add_argument(name, type=float, help=f"{what} tolerance between backends (default: by dtype)")
+        verify.add_argument(
+            name, type=float, help=f"{what} tolerance between backends (default: by dtype)"
+        )
     verify.add_argument("--json", metavar="FILE", help="also write the report to FILE as JSON")
-    verify.add_argument("--edit", choices=("insert", "set"), default="insert",
-                        help="insert dropout (default) or set the layers' own rates (as `set`)")
+    verify.add_argument(
+        "--edit",
+        choices=("insert", "set"),
+        default="insert",
+        help="insert dropout (default) or set the layers' own rates (as `set`)",
+    )
     verify.add_argument("--fields", help="with --edit set: only these fields, comma-separated")
     verify.set_defaults(run=cmd_verify)
 
     set_ = commands.add_parser(
-        "set", help="write a copy of the model with its layers' own dropout rates set")
+        "set", help="write a copy of the model with its layers' own dropout rates set"
+    )
     set_.add_argument("model", help="a .keras file")
     set_.add_argument("-o", "--output", required=True, help="where to write the .keras file")
     set_.add_argument("--rate", required=True, help="a float in [0, 1) or name=rate pairs")
-    set_.add_argument("--where", help="'re:PATTERN' or comma-separated layer names "
-                      "(default: every layer with a dropout-rate field)")
+    set_.add_argument(
+        "--where",
+        help="'re:PATTERN' or comma-separated layer names "
+        "(default: every layer with a dropout-rate field)",
+    )
     set_.add_argument("--fields", help="only these fields, e.g. recurrent_dropout (default: all)")
     set_.set_defaults(run=cmd_set)
 
     demo = commands.add_parser(
-        "demo", help="plan, insert, verify, fine-tune and MC dropout on a digits CNN (or --model)")
+        "demo", help="plan, insert, verify, fine-tune and MC dropout on a digits CNN (or --model)"
+    )
     demo.add_argument("--model", help="your own .keras file instead of the bundled digits CNN")
     demo.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs (default 5)")
     demo.add_argument("--samples", type=int, default=30, help="Monte Carlo samples (default 30)")
     demo.add_argument("--out", default=".", help="folder for the PNG (default: the current one)")
     add_insert_options(demo)
     demo.set_defaults(run=cmd_demo)
+    steps = demo.add_subparsers(dest="step", metavar="STEP", help="'search': the search step alone")
+    demo_search = steps.add_parser(
+        "search", help="does dropout help a small-data fine-tune? digits 0-4 -> 5-9, measured"
+    )
+    demo_search.add_argument("--seeds", type=int, default=5, help="fine-tunings per setting (5)")
+    demo_search.add_argument(
+        "--epochs",
+        type=int,
+        default=DEMO_SEARCH_EPOCHS,
+        help=f"fine-tuning epochs (default {DEMO_SEARCH_EPOCHS})",
+    )
+    demo_search.add_argument(
+        "--per-class", type=int, default=20, help="training examples per digit 5-9 (default 20)"
+    )
+    demo_search.add_argument(
+        "--out", default=".", help="folder for search/ (the study, best.keras, heatmap.png)"
+    )
+    demo_search.set_defaults(run=cmd_demo_search)
+
+    search = commands.add_parser(
+        "search", help="fine-tune with dropout at each placement and rate; find the best"
+    )
+    search.add_argument("model", help="a .keras file")
+    for name, what in (("--train", "fine-tune on"), ("--validation", "score on")):
+        search.add_argument(name, required=True, help=f".npz file of arrays x and y to {what}")
+    search.add_argument(
+        "--where",
+        action="append",
+        metavar="NAME=PLACEMENT",
+        help="a named placement: activations, re:PATTERN or layer names; repeat "
+        "it (default all=activations)",
+    )
+    search.add_argument("--rates", default="0,0.2,0.5", help="rates to try; 0 is no dropout")
+    search.add_argument("--kind", default="dropout", help="dropout, spatial, gaussian, alpha, auto")
+    search.add_argument("--loss", default="sparse_categorical_crossentropy")
+    search.add_argument("--optimizer", default="adam")
+    search.add_argument("--metrics", default="accuracy", help="comma-separated metric names")
+    search.add_argument("--objective", default="val_loss", help="e.g. val_loss, val_accuracy")
+    search.add_argument("--epochs", type=int, default=3, help="epochs per training (default 3)")
+    search.add_argument("--seeds", type=int, default=1, help="trainings per setting (default 1)")
+    search.add_argument("--batch-size", type=int, default=32)
+    search.add_argument("--strategy", choices=STRATEGIES, default="grid")
+    search.add_argument("--trials", type=int, help="trials for --strategy random or bayes")
+    search.add_argument(
+        "-d",
+        "--directory",
+        help="folder for the study, best.keras, heatmap.png; run again to resume",
+    )
+    search.set_defaults(run=cmd_search)
     return parser
 
 

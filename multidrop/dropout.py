@@ -8,22 +8,26 @@ mask is computed differently: from a hash of (seed, call count, element index).
 Example:
     >>> Dropout(0.2, seed=7)(x, training=True)   # the same masks on every run and backend
 
-How the mask is drawn. Element ``j`` of a call reads the 16-bit half ``j % 2``
-of ``lowbias32(j // 2 ^ k0, key k1 ^ k0)`` (C. Wellons' integer hash, a key
-xor-ed between its rounds), where ``k0, k1 = lowbias32([seed, count] ^ salt)``;
+How the mask is drawn. Element ``j`` of a call (row-major order over the
+input's shape, or over ``noise_shape`` and then broadcast) reads the 16-bit half
+``j % 2`` of ``lowbias32(j // 2 ^ k0, key k1 ^ k0)`` (C. Wellons' integer hash, a
+key xor-ed between its rounds), where ``k0, k1 = lowbias32([seed, count] ^ salt)``;
 it is kept when that half, its top bit flipped, is at least
 ``round(rate * 65536)``, and scaled by ``1 / (1 - rate)`` (rounded to float32,
 then to the input's dtype). This is pure int32 arithmetic, so every backend
-computes the same bits.
+computes the same bits. (Outputs agree bitwise too; a whole training step only
+within float tolerance, since each backend sums its matrix products in its own
+order.)
 
 On PyTorch the layer runs a `torch.autograd.Function` that keeps no mask for
-backward: it saves the two int32 keys and draws the mask again from them. Its
-hash, threshold and multiply are one ``torch.compile``-d function (one
-vectorised loop on CPU, one Triton kernel on a GPU), called from eager code;
-where compiling fails it warns once and runs the same mask as a few int32 tensor
-ops. Under ``jit_compile=True`` the function is traced into the model's graph.
-On JAX and TensorFlow the mask is a few ``keras.ops`` integer ops, which XLA
-fuses under ``jit``.
+backward: it saves its call's ``[seed, count]`` (8 bytes) and draws the mask
+again. Its hash, threshold and multiply are one ``torch.compile``-d function (one
+vectorised loop on CPU, one Triton kernel on a GPU), called from eager code and
+compiled on the first training call in a process (seconds; Inductor caches it on
+disk for the next process); where compiling fails it warns once and runs the
+same mask as a few int32 tensor ops. Under ``jit_compile=True`` the function is
+traced into the model's graph instead. On JAX and TensorFlow the mask is a few
+``keras.ops`` integer ops, which XLA fuses under ``jit``.
 """
 
 from __future__ import annotations
@@ -112,19 +116,53 @@ _keras.save_as(Dropout, "keras.layers.Dropout")  # a saved model loads without m
 
 
 def _portable(layer: Dropout, inputs):
-    """The mask in ``keras.ops`` (JAX, TensorFlow): ``inputs * mask``, the state advanced."""
+    """``inputs * mask`` on JAX or TensorFlow, the layer's state advanced."""
     ops = keras.ops
-    shape = ops.shape(inputs)
-    if layer.noise_shape is not None:
-        shape = [d if n is None else n for d, n in zip(shape, layer.noise_shape)]
-    state = ops.cast(layer.seed_generator.next(), "int32")  # [seed, count], then count + 1
+    state = ops.cast(layer.seed_generator.next(), "int32")  # [seed, count]; count + 1
     state = distributed.fold(state)  # each process its own masks (rank 0: as is)
-    keys = _mix(state ^ _SALT, shr=ops.right_shift)
+    if layer.noise_shape is None:
+        return _fused()(inputs, state, layer.rate)
+    shape = [d if n is None else n for d, n in zip(ops.shape(inputs), layer.noise_shape)]
     index = ops.reshape(ops.arange(math.prod(shape), dtype="int32"), shape)
-    keep = _keep(ops.right_shift(index, 1), index & 1, keys, round(layer.rate * 65536),
-                 ops.right_shift)
-    mask = ops.cast(keep, "float32") * np.float32(1 / (1 - layer.rate))
-    return inputs * ops.cast(mask, inputs.dtype)
+    return inputs * _mask(index, state, layer.rate, inputs.dtype)  # small, broadcast
+
+
+def _mask(index, state, rate: float, dtype):
+    """In ``keras.ops``: the mask (0 or the scale) of elements ``index`` (int32) in the call
+    ``state = [seed, count]``."""
+    ops = keras.ops
+    keys = _mix(state ^ _SALT, shr=ops.right_shift)
+    keep = _keep(ops.right_shift(index, 1), index & 1, keys, round(rate * 65536), ops.right_shift)
+    return ops.cast(ops.cast(keep, "float32") * np.float32(1 / (1 - rate)), dtype)
+
+
+def _masked(x, state, rate: float):
+    if BACKEND == "tensorflow":  # any shape, known or not
+        import tensorflow as tf
+
+        index = tf.reshape(tf.range(tf.size(x)), tf.shape(x))
+    else:
+        index = keras.ops.reshape(keras.ops.arange(x.size, dtype="int32"), x.shape)
+    return x * _mask(index, state, rate, x.dtype)
+
+
+_FUSED: list = []
+
+
+def _fused():
+    """`_masked` compiled by XLA, so that the hash, threshold and multiply fuse even outside
+    a compiled train step (``jax.jit``; ``tf.function(jit_compile=True)``, which TensorFlow
+    runs through XLA inside a plain ``tf.function`` too); inlined inside a compiled one."""
+    if not _FUSED:
+        if BACKEND == "jax":
+            import jax
+
+            _FUSED.append(jax.jit(_masked, static_argnums=2))
+        else:
+            import tensorflow as tf
+
+            _FUSED.append(tf.function(_masked, jit_compile=True, reduce_retracing=True))
+    return _FUSED[0]
 
 
 # ---- PyTorch ----------------------------------------------------------------------------------
@@ -190,8 +228,9 @@ def _run(x, state, cutoff: int, scale):
     if kernel is None:
         options = {"cpp.threads": 1} if small else {}
         function = _one_thread if small else _threads
-        kernel = _COMPILED[small] = _Fallback(torch.compile(function, dynamic=True,
-                                                            options=options))
+        kernel = _COMPILED[small] = _Fallback(
+            torch.compile(function, dynamic=True, options=options)
+        )
     return kernel(x, state, cutoff, scale)
 
 
@@ -209,7 +248,10 @@ class _Fallback:
                 self.compiled = None
                 warnings.warn(
                     f"multidrop: torch.compile of the dropout kernel failed ({error!r:.300}); "
-                    "running it as slower eager tensor ops.", RuntimeWarning, stacklevel=2)
+                    "running it as slower eager tensor ops.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         return _kernel_eager(*args)
 
 

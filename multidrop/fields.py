@@ -105,8 +105,9 @@ class FieldPlan(Sequence):
             "rounding, not bitwise" * any(c.kernel for c in self.changes),
         )
         for c in self.changes:
-            table.add_row(c.qualname, type(c.layer).__name__, c.field, f"{c.old:g}",
-                          f"{c.new:g}", c.kernel)
+            table.add_row(
+                c.qualname, type(c.layer).__name__, c.field, f"{c.old:g}", f"{c.new:g}", c.kernel
+            )
         return table
 
     def __str__(self) -> str:
@@ -154,8 +155,9 @@ def changes(model, opts: SetOptions) -> FieldPlan:
         qualname = call.qualname if call is not top else model.name
         for name, old in _fields(call.operation, opts).items():
             kernel = KERNEL_SWITCH.get((type(call.operation).__name__, name), "")
-            rows.append(Change(qualname, call.operation, name, old, rate,
-                               kernel if old == 0 < rate else ""))
+            rows.append(
+                Change(qualname, call.operation, name, old, rate, kernel if old == 0 < rate else "")
+            )
     return FieldPlan(model.name, tuple(rows))
 
 
@@ -176,8 +178,10 @@ def _covered(call: Call, chosen: list[Call], top: Call) -> bool:
     enclosing = ["/".join(call.path[: i + 1]) for i in range(len(call.path))]
     if any(name in owners for name in enclosing):
         return True
-    return top in chosen and _owns(top.operation) and not (
-        graph.is_graph_model(call.operation) and _owns(call.operation)
+    return (
+        top in chosen
+        and _owns(top.operation)
+        and not (graph.is_graph_model(call.operation) and _owns(call.operation))
     )
 
 

@@ -41,7 +41,7 @@ def check_rate_value(value, where: str) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class linear:  # noqa: N801 (used as a rate, like a number: rate=multidrop.linear(0.2))
+class linear:
     """Rates that grow linearly with depth: ``start`` at the first selected site, ``rate``
     at the last (timm's ``drop_path_rate`` rule, with ``start=0``).
 
@@ -178,7 +178,9 @@ def _broadcasts(n, dim) -> bool:
     return n == 1 or dim is None or n == dim
 
 
-def make_layer(kind, kind_name: str, rate: float, call: Call, *, noise_shape, seed, name) -> keras.layers.Layer:
+def make_layer(
+    kind, kind_name: str, rate: float, call: Call, *, noise_shape, seed, name
+) -> keras.layers.Layer:
     """Construct the dropout layer for one site."""
     if callable(kind):
         layer = kind(rate, call.operation)
@@ -203,4 +205,3 @@ def make_layer(kind, kind_name: str, rate: float, call: Call, *, noise_shape, se
     if kind_name in ("SpatialDropout2D", "SpatialDropout3D"):
         options["data_format"] = getattr(call.operation, "data_format", None)
     return cls(rate, **options)
-

@@ -121,7 +121,9 @@ def mc_predict(
         if consistent:
             _reseed(view.dropouts, seed, count=k)
         chunks.append(
-            runner.predict_on_batch(tree.map_structure(lambda a: a[np.arange(i, i + rows) % n], inputs))
+            runner.predict_on_batch(
+                tree.map_structure(lambda a, i=i: a[np.arange(i, i + rows) % n], inputs)
+            )
         )
     drawn = tree.map_structure(
         lambda *parts: np.concatenate(parts)[:total].reshape(samples, n, *parts[0].shape[1:]),
@@ -135,7 +137,7 @@ def mc_predict(
 def _in_chunks(model, inputs, n: int, rows: int):
     """``model.predict_on_batch(inputs)`` in calls of at most ``rows`` rows, concatenated."""
     parts = [
-        model.predict_on_batch(tree.map_structure(lambda a: a[i : i + rows], inputs))
+        model.predict_on_batch(tree.map_structure(lambda a, i=i: a[i : i + rows], inputs))
         for i in range(0, n, rows)
     ]
     return tree.map_structure(lambda *p: np.concatenate(p), *parts)
@@ -236,15 +238,20 @@ def _always_on(op, dropouts: list, consistent: bool):
     else:
         return op
     dropouts += [
-        layer for layer in _keras.all_layers(fresh)
+        layer
+        for layer in _keras.all_layers(fresh)
         if isinstance(layer, kinds.DROPOUT_LAYERS) and getattr(layer, "seed_generator", None)
     ]
     return MonteCarlo(fresh, name=op.name)
 
 
 def _has_own_dropout(op) -> bool:
-    return isinstance(op, keras.layers.Layer) and any(fields.rate_fields(op).values()) and not any(
-        isinstance(layer, keras.layers.BatchNormalization) for layer in _keras.all_layers(op)
+    return (
+        isinstance(op, keras.layers.Layer)
+        and any(fields.rate_fields(op).values())
+        and not any(
+            isinstance(layer, keras.layers.BatchNormalization) for layer in _keras.all_layers(op)
+        )
     )
 
 

@@ -25,8 +25,9 @@ from collections.abc import Sequence
 from multidrop import kinds, select
 
 
-def check_int(value, name: str, *, minimum: int | None = None, none: bool = False,
-              hint: str = "") -> None:
+def check_int(
+    value, name: str, *, minimum: int | None = None, none: bool = False, hint: str = ""
+) -> None:
     """Raise unless ``value`` is an int (not a bool) of at least ``minimum``, or None if allowed.
 
     A wrong type is a TypeError, a value below ``minimum`` a ValueError; ``hint`` is
@@ -86,7 +87,9 @@ class Options:
         select.coerce(self.where)
         check_int(self.seed, "seed", none=True)
         if self.noise_shape is not None:
-            if isinstance(self.noise_shape, (str, bytes)) or not isinstance(self.noise_shape, Sequence):
+            if isinstance(self.noise_shape, (str, bytes)) or not isinstance(
+                self.noise_shape, Sequence
+            ):
                 raise TypeError(
                     f"noise_shape must be a tuple such as (None, 1, 64), got {self.noise_shape!r}."
                 )
@@ -148,8 +151,10 @@ class SetOptions:
             select.coerce(self.where)
         if self.fields is not None:
             fields = (self.fields,) if isinstance(self.fields, str) else self.fields
-            if not isinstance(fields, Sequence) or not fields or not all(
-                isinstance(f, str) for f in fields
+            if (
+                not isinstance(fields, Sequence)
+                or not fields
+                or not all(isinstance(f, str) for f in fields)
             ):
                 raise TypeError(
                     f"fields must be a field name or a non-empty list of them, such as "
@@ -217,4 +222,4 @@ def _changed(record, always) -> dict:
     }
 
 
-__all__ = ["Options", "RemoveOptions", "SetOptions", "check_int", "signature_of", "build"]
+__all__ = ["Options", "RemoveOptions", "SetOptions", "build", "check_int", "signature_of"]

@@ -101,18 +101,26 @@ class Plan(Sequence):
         for i, site in enumerate(self.sites):
             call = site.qualname + (f" (call {site.call.index + 1})" if site.call.index else "")
             table.add_row(
-                str(i), call, type(site.call.operation).__name__, str(site.shape),
-                _class_label(site.layer), f"{site.rate:g}", site.name,
+                str(i),
+                call,
+                type(site.call.operation).__name__,
+                str(site.shape),
+                _class_label(site.layer),
+                f"{site.rate:g}",
+                site.name,
             )
         return table
 
     def saved_as(self) -> str:
         """A note for the layers multidrop makes that are saved under a Keras name."""
         inner = {type(getattr(s.layer, "layer", s.layer)) for s in self.sites}
-        names = {cls: _keras.saved_name(cls) for cls in inner if cls.__module__.startswith("multidrop")}
+        names = {
+            cls: _keras.saved_name(cls) for cls in inner if cls.__module__.startswith("multidrop")
+        }
         return "; ".join(
             f"multidrop.{cls.__name__} is saved as {name}, so the file loads without multidrop"
-            for cls, name in names.items() if name
+            for cls, name in names.items()
+            if name
         )
 
     def __str__(self) -> str:
@@ -153,7 +161,8 @@ def decide(model, opts: Options) -> Plan:
             f"where={selector} matched no site in model '{model.name}' "
             f"({len(candidates)} candidate sites; outputs skipped unless include_outputs=True"
             f"{'; ' + note if note else ''}). Check the selector with multidrop.plan(), or pick "
-            "sites by name" + (f": where={[c.name for c in candidates[:3]]}." if candidates else ".")
+            "sites by name"
+            + (f": where={[c.name for c in candidates[:3]]}." if candidates else ".")
         )
     _check_rate_names(rate_names, chosen, selector)
 

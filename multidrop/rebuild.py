@@ -194,9 +194,7 @@ class _Rebuild:
         """The clone of ``op``, made on first use so shared layers stay shared."""
         if id(op) not in self.clones:
             new = None
-            if not graph.is_graph_model(op) or (
-                not is_plain(op) and not self.edited_inside(op)
-            ):
+            if not graph.is_graph_model(op) or (not is_plain(op) and not self.edited_inside(op)):
                 new = self.clone(op)
             if new is None:
                 self.clones[id(op)] = self.model(op)
@@ -208,9 +206,7 @@ class _Rebuild:
         return self.clones[id(op)]
 
     def edited_inside(self, model) -> bool:
-        return any(
-            id(c.node) in self.after or id(c.node) in self.drop for c in graph.walk(model)
-        )
+        return any(id(c.node) in self.after or id(c.node) in self.drop for c in graph.walk(model))
 
     def copy_trainable(self, old, new, flags) -> None:
         """Set ``trainable`` as ``flags`` (read from the original) says: a container
@@ -254,11 +250,15 @@ class _Rebuild:
         if uncalled:
             problems.append(f"inserted layers not called exactly once: {uncalled}")
         cloned_whole = any(old is model for old, _ in self.pairs)  # nothing inside is cloned
-        kept = set() if cloned_whole else {
-            id(c.operation)
-            for c in before
-            if not graph.is_graph_model(c.operation) and not self.whole.intersection(c.path)
-        }
+        kept = (
+            set()
+            if cloned_whole
+            else {
+                id(c.operation)
+                for c in before
+                if not graph.is_graph_model(c.operation) and not self.whole.intersection(c.path)
+            }
+        )
         missing = kept - {id(old) for old, _ in self.pairs} - self.dropped_ops
         if missing:
             problems.append(f"{len(missing)} original operations have no clone")

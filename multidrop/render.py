@@ -30,7 +30,9 @@ def table(title: str, columns, *, caption: str | None = None) -> rich.table.Tabl
     )
     for column in columns:
         right = column.startswith("#")
-        result.add_column(column[1:] or "#" if right else column, justify="right" if right else "left")
+        result.add_column(
+            column[1:] or "#" if right else column, justify="right" if right else "left"
+        )
     return result
 
 

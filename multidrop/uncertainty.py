@@ -410,12 +410,12 @@ class UncertaintyReport:
     ece_scaled: float | None = None
 
     def __str__(self) -> str:
-        caption = (
-            f"{len(self.labels)} inputs, {self.samples} Monte Carlo samples each"
-            + (", outputs read as logits" if self.from_logits else "")
+        caption = f"{len(self.labels)} inputs, {self.samples} Monte Carlo samples each" + (
+            ", outputs read as logits" if self.from_logits else ""
         )
-        table = render.table("Uncertainty (MC mean)", ["metric", "#value", "better"],
-                             caption=caption)
+        table = render.table(
+            "Uncertainty (MC mean)", ["metric", "#value", "better"], caption=caption
+        )
         rows = [
             ("accuracy", self.accuracy, "higher"),
             ("NLL", self.nll, "lower"),
@@ -505,10 +505,19 @@ def evaluate_uncertainty(
         calibrated = temperature_scale(mean, temperature)
         nll_scaled, ece_scaled = nll(calibrated, y), ece(calibrated, y)
     return UncertaintyReport(
-        accuracy=accuracy(mean, y), nll=nll(mean, y), brier=brier(mean, y), ece=ece(mean, y),
-        adaptive_ece=adaptive_ece(mean, y), aurc=aurc(mean, y),
-        mutual_information=mutual_information(test), samples=samples, from_logits=from_logits,
-        mean=mean, labels=y, temperature=temperature, nll_scaled=nll_scaled,
+        accuracy=accuracy(mean, y),
+        nll=nll(mean, y),
+        brier=brier(mean, y),
+        ece=ece(mean, y),
+        adaptive_ece=adaptive_ece(mean, y),
+        aurc=aurc(mean, y),
+        mutual_information=mutual_information(test),
+        samples=samples,
+        from_logits=from_logits,
+        mean=mean,
+        labels=y,
+        temperature=temperature,
+        nll_scaled=nll_scaled,
         ece_scaled=ece_scaled,
     )
 
@@ -553,7 +562,9 @@ def _probabilities(probs, where: str, *, samples: bool = False) -> np.ndarray:
     try:
         p = np.asarray(probs, dtype="float64")
     except (TypeError, ValueError) as error:
-        raise TypeError(f"{where}: probs must be an array of numbers, got {probs!r:.80}.") from error
+        raise TypeError(
+            f"{where}: probs must be an array of numbers, got {probs!r:.80}."
+        ) from error
     shape = "(samples, inputs, ..., classes)" if samples else "(inputs, classes)"
     if (p.ndim < 3 if samples else p.ndim != 2) or p.size == 0 or p.shape[-1] < 2:
         raise ValueError(

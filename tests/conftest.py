@@ -1,4 +1,5 @@
-"""Shared helpers: each test process runs one Keras backend, chosen by KERAS_BACKEND (nox sets it)."""
+"""Shared helpers: each test process runs one Keras backend, chosen by KERAS_BACKEND (nox
+sets it)."""
 
 import keras
 import numpy as np

@@ -59,13 +59,22 @@ def nested_embedding(vocab: int = 7, seed: int = 0) -> keras.Sequential:
     """A Sequential text classifier whose Embedding sits in a nested Sequential
     encoder, behind a Reshape: integer ids must stay below ``vocab``."""
     encoder = keras.Sequential(
-        [keras.Input((6,), dtype="int32"), keras.layers.Reshape((3, 2)),
-         keras.layers.Embedding(vocab, 4), keras.layers.Reshape((3, 8))],
+        [
+            keras.Input((6,), dtype="int32"),
+            keras.layers.Reshape((3, 2)),
+            keras.layers.Embedding(vocab, 4),
+            keras.layers.Reshape((3, 8)),
+        ],
         name="encoder",
     )
     model = keras.Sequential(
-        [keras.Input((6,), dtype="int32"), encoder, keras.layers.Flatten(),
-         keras.layers.Dense(8, activation="relu"), keras.layers.Dense(2)],
+        [
+            keras.Input((6,), dtype="int32"),
+            encoder,
+            keras.layers.Flatten(),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(2),
+        ],
         name="nested_embedding",
     )
     return randomize(model, seed)

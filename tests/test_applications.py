@@ -53,7 +53,7 @@ def case(request):
 def test_one_dropout_per_hidden_activation(case):
     model, _, rewired, _ = case
     plan = multidrop.plan(model, 0.2)
-    added = [l for l in rewired._flatten_layers() if isinstance(l, layers.Dropout)]
+    added = [x for x in rewired._flatten_layers() if isinstance(x, layers.Dropout)]
     assert len(added) == len(plan) == hidden_activations(model)
     if model.name == "resnet50":  # one per hidden ReLU: the stem's and 3 in each of 16 blocks
         assert len(plan) == 49 and "49 dropout layers" in str(plan)

@@ -81,9 +81,22 @@ def test_benchmark_rejects_an_unknown_model(tmp_path):
 def test_quick_floor_benchmark_writes_table_json_and_chart(tmp_path):
     backend = keras.backend.backend()
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.floor", "--quick", "--sizes", "4096,300",
-         "--backend", backend, "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.floor",
+            "--quick",
+            "--sizes",
+            "4096,300",
+            "--backend",
+            backend,
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"floor benchmark: {backend}, CPU" in run.stderr
@@ -91,16 +104,19 @@ def test_quick_floor_benchmark_writes_table_json_and_chart(tmp_path):
     assert lines[0].startswith("| backend | mode | elements | floor (x * c) ms |")
     mode = {"torch": "eager", "jax": "jit", "tensorflow": "function"}[backend]
     assert [line.split(" | ")[:3] for line in lines[2:4]] == [
-        [f"| {backend}", mode, "4,096"], [f"| {backend}", mode, "300"]]
+        [f"| {backend}", mode, "4,096"],
+        [f"| {backend}", mode, "300"],
+    ]
     assert (tmp_path / "floor.md").read_text().strip() == run.stdout.strip()
 
     results = json.loads((tmp_path / "floor.json").read_text())
     rows = results["backends"][backend]["rows"]
     assert [(r["mode"], r["elements"], r["shape"]) for r in rows] == [
-        (mode, 4096, [16, 256]), (mode, 300, [300])]
+        (mode, 4096, [16, 256]),
+        (mode, 300, [300]),
+    ]
     for row in rows:
-        assert set(row["variants"]) == {"floor", "native", "keras", "multidrop",
-                                        "multidrop seeded"}
+        assert set(row["variants"]) == {"floor", "native", "keras", "multidrop", "multidrop seeded"}
         assert all(len(v["samples_ms"]) == 3 and v["min_ms"] > 0 for v in row["variants"].values())
         saved = row["saved_bytes_per_element"]
         if TORCH:  # one dropout alone: nn.Dropout keeps a float mask, multidrop 8 bytes in all
@@ -112,6 +128,9 @@ def test_quick_floor_benchmark_writes_table_json_and_chart(tmp_path):
 def test_floor_benchmark_rejects_a_bad_size(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks.floor", "--sizes", "4096,lots", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert run.returncode == 2 and "--sizes takes comma-separated integers" in run.stderr

@@ -41,8 +41,9 @@ def cli_run(saved, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "report.json"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        status = cli.main(["verify", str(saved), "--rate", "0.3", "--where", "re:conv|head",
-                           "--json", str(out)])
+        status = cli.main(
+            ["verify", str(saved), "--rate", "0.3", "--where", "re:conv|head", "--json", str(out)]
+        )
     return status, stdout.getvalue(), json.loads(out.read_text())
 
 
@@ -96,8 +97,9 @@ def test_cli_verifies_on_all_three(cli_run):
 def test_cli_reports_a_real_mismatch(saved, tmp_path, capsys):
     # Monte Carlo dropout stays on at inference, so the rewired model answers differently.
     report = tmp_path / "mismatch.json"
-    status = cli.main(["verify", str(saved), "--rate", "0.5", "--mc", "--backends", "jax",
-                       "--json", str(report)])
+    status = cli.main(
+        ["verify", str(saved), "--rate", "0.5", "--mc", "--backends", "jax", "--json", str(report)]
+    )
     assert status == 1
     out = capsys.readouterr().out
     assert "MISMATCH" in out and "jax: rewired vs original" in out
@@ -130,8 +132,20 @@ def test_cli_verifies_set_dropout_on_all_three(tmp_path, capsys):
     x = keras.Input((5, 3))
     model = keras.Model(x, keras.layers.Dense(2)(keras.layers.LSTM(4, name="lstm")(x)))
     model.save(tmp_path / "lstm.keras")
-    status = cli.main(["verify", str(tmp_path / "lstm.keras"), "--edit", "set", "--rate", "0.3",
-                       "--fields", "recurrent_dropout", "--json", str(tmp_path / "r.json")])
+    status = cli.main(
+        [
+            "verify",
+            str(tmp_path / "lstm.keras"),
+            "--edit",
+            "set",
+            "--rate",
+            "0.3",
+            "--fields",
+            "recurrent_dropout",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     printed = capsys.readouterr().out
     assert status == 0, printed
     assert "1 dropout fields set" in printed

@@ -38,8 +38,19 @@ def test_a_users_digits_model_with_logits_is_fine_tuned_too(tmp_path, capsys):
     path = tmp_path / "flat.keras"
     model.save(path)
 
-    argv = ["demo", "--model", str(path), "--epochs", "3", "--samples", "3", "--rate", "0.2",
-            "--out", str(tmp_path)]
+    argv = [
+        "demo",
+        "--model",
+        str(path),
+        "--epochs",
+        "3",
+        "--samples",
+        "3",
+        "--rate",
+        "0.2",
+        "--out",
+        str(tmp_path),
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "'flat_mlp'" in out and "1 dropout layer " in out
@@ -51,8 +62,10 @@ def test_a_users_digits_model_with_logits_is_fine_tuned_too(tmp_path, capsys):
 def test_a_model_that_takes_no_digits_gets_plan_insert_and_verify(tmp_path, capsys):
     a, b = keras.Input((6,), name="a"), keras.Input((4,), name="b")
     h = layers.Dense(16, activation="relu", name="trunk")(layers.Concatenate()([a, b]))
-    outputs = {"label": layers.Dense(3, activation="softmax", name="label")(h),
-               "score": layers.Dense(1, name="score")(h)}
+    outputs = {
+        "label": layers.Dense(3, activation="softmax", name="label")(h),
+        "score": layers.Dense(1, name="score")(h),
+    }
     path = tmp_path / "two_heads.keras"
     keras.Model({"a": a, "b": b}, outputs, name="two_heads").save(path)
     assert cli.main(["demo", "--model", str(path), "--out", str(tmp_path)]) == 0
@@ -65,8 +78,11 @@ def test_a_model_that_takes_no_digits_gets_plan_insert_and_verify(tmp_path, caps
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--mc"], "drop --mc"), (["--epochs", "0"], "at least 1"),
-     (["--model", "nope.keras"], "no such model")],
+    [
+        (["--mc"], "drop --mc"),
+        (["--epochs", "0"], "at least 1"),
+        (["--model", "nope.keras"], "no such model"),
+    ],
 )
 def test_bad_demo_options_are_one_line_errors(argv, message, capsys):
     assert cli.main(["demo", *argv]) == 2

@@ -87,8 +87,11 @@ def test_compiled_masks_are_the_eager_ones_and_advance_the_count():
         if BACKEND == "tensorflow":
             import tensorflow as tf
 
-            step = tf.function(lambda x: layer(x, training=True), jit_compile=True,
-                               input_signature=[tf.TensorSpec([None, 33], tf.float32)])
+            step = tf.function(
+                lambda x: layer(x, training=True),
+                jit_compile=True,
+                input_signature=[tf.TensorSpec([None, 33], tf.float32)],
+            )
         else:
             import torch
 
@@ -280,8 +283,9 @@ def test_without_torch_compile_it_warns_once_and_draws_the_same_masks(monkeypatc
     with pytest.warns(RuntimeWarning, match="no C.. compiler"):
         y = layer(x, training=True)
     (dx,) = torch.autograd.grad(layer(x, training=True), x, torch.ones(20, 30))
-    assert np.array_equal(_bits(y), (x.detach().numpy() * reference_mask((20, 30), 0.4, 3, 0))
-                          .view(np.int32))
+    assert np.array_equal(
+        _bits(y), (x.detach().numpy() * reference_mask((20, 30), 0.4, 3, 0)).view(np.int32)
+    )
     assert np.array_equal(dx.numpy(), reference_mask((20, 30), 0.4, 3, 1))
 
 

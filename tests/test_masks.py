@@ -20,8 +20,12 @@ pytestmark = pytest.mark.crossbackend
 
 BACKENDS = ("torch", "jax", "tensorflow")
 # (shape, rate, seed, noise_shape): 38,700 elements take PyTorch's large-input kernel
-CASES = [((2, 3, 5), 0.2, 0, None), ((64, 129), 0.5, 7, None), ((300, 129), 0.1, 2**31 - 1, None),
-         ((4, 6, 32), 0.3, 11, (None, 1, 32))]
+CASES = [
+    ((2, 3, 5), 0.2, 0, None),
+    ((64, 129), 0.5, 7, None),
+    ((300, 129), 0.1, 2**31 - 1, None),
+    ((4, 6, 32), 0.3, 11, (None, 1, 32)),
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +36,13 @@ def drawn(tmp_path_factory):
     for backend in BACKENDS:
         env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
         path = out / f"{backend}.npz"
-        run = subprocess.run([sys.executable, __file__, str(path)], env=env,
-                             capture_output=True, text=True, timeout=600)
+        run = subprocess.run(
+            [sys.executable, __file__, str(path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert run.returncode == 0, f"{backend}: {run.stderr[-3000:]}"
         with np.load(path) as arrays:
             results[backend] = dict(arrays)
@@ -62,8 +71,9 @@ def test_one_training_step_agrees_and_advances_every_seed(drawn):
     for backend in ("jax", "tensorflow"):
         np.testing.assert_array_equal(drawn[backend]["step_state"], drawn["torch"]["step_state"])
         for name in ("step_loss", "step_weights"):
-            np.testing.assert_allclose(drawn[backend][name], drawn["torch"][name],
-                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                drawn[backend][name], drawn["torch"][name], rtol=1e-5, atol=1e-6
+            )
     assert drawn["torch"]["step_state"].tolist() == [[5, 1], [6, 1]]
 
 
@@ -93,8 +103,14 @@ def _draw(path: pathlib.Path) -> None:
     x, y = rng.normal(size=(8, 12)).astype("float32"), rng.normal(size=(8, 3)).astype("float32")
     arrays["step_loss"] = np.asarray(rewired.train_on_batch(x, y))
     arrays["step_weights"] = np.concatenate([w.ravel() for w in rewired.get_weights()])
-    arrays["step_state"] = np.array([keras.ops.convert_to_numpy(v) for v in rewired.variables
-                                     if v.path.endswith("seed_generator_state")], np.int64)
+    arrays["step_state"] = np.array(
+        [
+            keras.ops.convert_to_numpy(v)
+            for v in rewired.variables
+            if v.path.endswith("seed_generator_state")
+        ],
+        np.int64,
+    )
     np.savez(path, **arrays)
 
 

@@ -73,8 +73,13 @@ def test_mc_true_and_plain_dropout_models_give_the_same_samples():
 
 def test_user_sequential_model_with_its_own_dropout():
     model = keras.Sequential(
-        [keras.Input((16,)), layers.Dense(32, activation="relu"), layers.Dropout(0.5),
-         layers.Dense(3)], name="user",
+        [
+            keras.Input((16,)),
+            layers.Dense(32, activation="relu"),
+            layers.Dropout(0.5),
+            layers.Dense(3),
+        ],
+        name="user",
     )
     mean, std, samples = multidrop.mc_predict(model, X, samples=5, seed=0, return_samples=True)
     assert samples.shape == (5, 8, 3) and mean.shape == std.shape == (8, 3)
@@ -86,15 +91,20 @@ def test_user_sequential_model_with_its_own_dropout():
 def test_chunked_calls_and_multiple_inputs_and_outputs():
     a, b = keras.Input((6,), name="a"), keras.Input((4,), name="b")
     h = layers.Dense(16, activation="relu", name="trunk")(layers.Concatenate()([a, b]))
-    outputs = {"label": layers.Dense(3, activation="softmax", name="label")(h),
-               "score": layers.Dense(1, name="score")(h)}
+    outputs = {
+        "label": layers.Dense(3, activation="softmax", name="label")(h),
+        "score": layers.Dense(1, name="score")(h),
+    }
     model = randomize(keras.Model({"a": a, "b": b}, outputs, name="two_heads"))
     rewired = multidrop.insert_dropout(model, 0.2)
     rng = np.random.default_rng(1)
-    x = {"a": rng.normal(size=(5, 6)).astype("float32"),
-         "b": rng.normal(size=(5, 4)).astype("float32")}
+    x = {
+        "a": rng.normal(size=(5, 6)).astype("float32"),
+        "b": rng.normal(size=(5, 4)).astype("float32"),
+    }
     mean, std, samples = multidrop.mc_predict(  # 12 calls of 3 rows for 35 rows
-        rewired, x, samples=7, batch_size=3, seed=0, return_samples=True)
+        rewired, x, samples=7, batch_size=3, seed=0, return_samples=True
+    )
     assert set(mean) == set(std) == {"label", "score"}
     assert mean["label"].shape == (5, 3) and std["score"].shape == (5, 1)
     assert samples["score"].shape == (7, 5, 1)
@@ -121,7 +131,7 @@ def test_predictive_entropy():
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="no dropout layers.*insert_dropout"):
+    with pytest.raises(ValueError, match=r"no dropout layers.*insert_dropout"):
         multidrop.mc_predict(mlp_bn(), X)
     rewired = multidrop.insert_dropout(mlp_bn(), 0.1)
     with pytest.raises(ValueError, match="samples must be a positive int"):
@@ -159,8 +169,9 @@ def test_vectorized_sampling_is_at_least_3x_faster_than_a_loop():
 
 def head_only(model):
     """Dropout after the last activation only: the fine-tuning setup trunk caching is for."""
-    return multidrop.insert_dropout(model, 0.3, where=multidrop.select.activations()
-                                    & multidrop.select.last(1), seed=2)
+    return multidrop.insert_dropout(
+        model, 0.3, where=multidrop.select.activations() & multidrop.select.last(1), seed=2
+    )
 
 
 def test_cached_trunk_gives_the_uncached_samples():
@@ -186,10 +197,13 @@ def test_dropout_at_the_input_leaves_nothing_to_cache():
 def test_consistent_masks_are_shared_by_inputs_and_differ_between_samples():
     rewired = multidrop.insert_dropout(mlp_bn(), 0.3)
     same = np.repeat(X[:1], 6, axis=0)  # six copies of one input: one answer per network
-    samples = multidrop.mc_predict(rewired, same, 5, seed=0, consistent=True, return_samples=True)[2]
+    samples = multidrop.mc_predict(rewired, same, 5, seed=0, consistent=True, return_samples=True)[
+        2
+    ]
     for k in range(5):
-        np.testing.assert_allclose(samples[k], np.broadcast_to(samples[k][0], samples[k].shape),
-                                   rtol=1e-5, atol=1e-7)  # rows of one batch round alike, nearly
+        np.testing.assert_allclose(
+            samples[k], np.broadcast_to(samples[k][0], samples[k].shape), rtol=1e-5, atol=1e-7
+        )  # rows of one batch round alike, nearly
     assert not np.allclose(samples[0], samples[1])
     free = multidrop.mc_predict(rewired, same, 5, seed=0, return_samples=True)[2]
     assert not all(np.allclose(free[k], free[k][0]) for k in range(5))

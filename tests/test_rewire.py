@@ -1,4 +1,5 @@
-"""insert_dropout / plan / remove_dropout on hand-built graphs: every promise of the rewiring core."""
+"""insert_dropout / plan / remove_dropout on hand-built graphs: every promise of the rewiring
+core."""
 
 import importlib.util
 import os
@@ -35,19 +36,28 @@ def two_heads():
     b = keras.Input((4,), name="b")
     h = layers.Concatenate(name="cat")([layers.Dense(8, activation="tanh", name="fa")(a), b])
     h = layers.Dense(8, activation="gelu", name="trunk")(h)
-    outputs = {"score": layers.Dense(1, name="score")(h), "label": layers.Dense(2, activation="softmax", name="label")(h)}
+    outputs = {
+        "score": layers.Dense(1, name="score")(h),
+        "label": layers.Dense(2, activation="softmax", name="label")(h),
+    }
     return keras.Model({"a": a, "b": b}, outputs, name="two_heads")
 
 
 def with_nested():
     """A frozen nested Sequential block and a trainable nested Functional block."""
     block = keras.Sequential(
-        [keras.Input((8,)), layers.Dense(8, activation="relu", name="s1"), layers.BatchNormalization(name="s_bn")],
+        [
+            keras.Input((8,)),
+            layers.Dense(8, activation="relu", name="s1"),
+            layers.BatchNormalization(name="s_bn"),
+        ],
         name="seq_block",
     )
     block.trainable = False
     inner_in = keras.Input((8,))
-    inner = keras.Model(inner_in, layers.Dense(8, activation="elu", name="f1")(inner_in), name="fn_block")
+    inner = keras.Model(
+        inner_in, layers.Dense(8, activation="elu", name="f1")(inner_in), name="fn_block"
+    )
     x = keras.Input((8,), name="x")
     h = inner(block(x))
     h = layers.Dense(8, activation="relu", name="head")(h)
@@ -64,10 +74,14 @@ def test_inserts_after_every_activation_including_op_nodes_and_shared_calls():
     rewired = multidrop.insert_dropout(model, 0.5)
     added = [layer.name for layer in rewired.layers if isinstance(layer, layers.Dropout)]
     # shared (2 calls) + the relu op node; the softmax output is skipped
-    assert sorted(added) == sorted(["shared_multidrop", "shared_multidrop_1", f"{_relu_op(model).name}_multidrop"])
+    assert sorted(added) == sorted(
+        ["shared_multidrop", "shared_multidrop_1", f"{_relu_op(model).name}_multidrop"]
+    )
     assert len(added) == len(multidrop.plan(model, 0.5)) == 3
     assert_identical(model(X, training=False), rewired(X, training=False))
-    assert not np.array_equal(to_numpy(rewired(X, training=True)), to_numpy(model(X, training=True)))
+    assert not np.array_equal(
+        to_numpy(rewired(X, training=True)), to_numpy(model(X, training=True))
+    )
 
 
 def _relu_op(model):
@@ -100,7 +114,13 @@ def test_share_weights_shares_variables_and_copy_does_not():
 
 def test_sequential_comes_back_sequential():
     model = keras.Sequential(
-        [keras.Input((8,)), layers.Dense(16, activation="relu"), layers.Dense(16), layers.ReLU(), layers.Dense(2)],
+        [
+            keras.Input((8,)),
+            layers.Dense(16, activation="relu"),
+            layers.Dense(16),
+            layers.ReLU(),
+            layers.Dense(2),
+        ],
         name="seq",
     )
     rewired = multidrop.insert_dropout(model, 0.2)
@@ -113,13 +133,20 @@ def test_sequential_comes_back_sequential():
 def test_nested_models_stay_nested_with_names_and_trainable_flags():
     model = with_nested()
     rewired = multidrop.insert_dropout(model, 0.2)
-    assert [layer.name for layer in rewired.layers if isinstance(layer, keras.Model)] == ["seq_block", "fn_block"]
+    assert [layer.name for layer in rewired.layers if isinstance(layer, keras.Model)] == [
+        "seq_block",
+        "fn_block",
+    ]
     assert isinstance(rewired.get_layer("seq_block"), keras.Sequential)
     assert not rewired.get_layer("seq_block").trainable
     assert [type(layer).__name__ for layer in rewired.get_layer("seq_block").layers] == [
-        "Dense", "Dropout", "BatchNormalization"
+        "Dense",
+        "Dropout",
+        "BatchNormalization",
     ]
-    assert [(v.path, v.trainable) for v in rewired.weights] == [(v.path, v.trainable) for v in model.weights]
+    assert [(v.path, v.trainable) for v in rewired.weights] == [
+        (v.path, v.trainable) for v in model.weights
+    ]
     assert len(rewired.trainable_weights) == len(model.trainable_weights)
     assert_identical(model(X, training=False), rewired(X, training=False))
 
@@ -171,14 +198,19 @@ def test_where_forms():
     model = mlp_with_ops()
     assert [s.qualname for s in multidrop.plan(model, 0.1, where=layers.Add)] == ["add"]
     assert [s.qualname for s in multidrop.plan(model, 0.1, where=(layers.Add, layers.Dense))] == [
-        "shared", "fc2", "fc3", "shared", "add"
+        "shared",
+        "fc2",
+        "fc3",
+        "shared",
+        "add",
     ]
-    assert [s.qualname for s in multidrop.plan(model, 0.1, where=lambda l: l.name.startswith("fc"))] == ["fc2", "fc3"]
+    fc = multidrop.plan(model, 0.1, where=lambda layer: layer.name.startswith("fc"))
+    assert [s.qualname for s in fc] == ["fc2", "fc3"]
     last = multidrop.plan(model, 0.1, where=select.activations() & select.last(1))
     assert [(s.qualname, s.call.index) for s in last] == [("shared", 1)]
-    assert [s.qualname for s in multidrop.plan(model, 0.1, where=select.regex("^fc") | layers.Add)] == [
-        "fc2", "fc3", "add"
-    ]
+    assert [
+        s.qualname for s in multidrop.plan(model, 0.1, where=select.regex("^fc") | layers.Add)
+    ] == ["fc2", "fc3", "add"]
     not_act = multidrop.plan(model, 0.1, where=~select.activations() & select.layers(layers.Dense))
     assert [s.qualname for s in not_act] == ["fc2", "fc3"]
 
@@ -214,7 +246,9 @@ def test_auto_kind_is_alpha_after_selu_and_plain_on_vectors():
 
 def test_callable_kind_and_noise_shape():
     model = mlp_with_ops()
-    rewired = multidrop.insert_dropout(model, 0.3, kind=lambda rate, layer: layers.GaussianNoise(rate))
+    rewired = multidrop.insert_dropout(
+        model, 0.3, kind=lambda rate, layer: layers.GaussianNoise(rate)
+    )
     assert isinstance(rewired.get_layer("shared_multidrop"), layers.GaussianNoise)
     # noise_shape=(1, features): every row of the batch loses the same units
     x = keras.Input((64,))
@@ -258,8 +292,17 @@ def test_keras_round_trip_loads_with_plain_keras(tmp_path):
     )
     np.save(tmp_path / "x.npy", X)
     result = subprocess.run(
-        [sys.executable, "-c", script, tmp_path / "r.keras", tmp_path / "x.npy", tmp_path / "y.npy"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            script,
+            tmp_path / "r.keras",
+            tmp_path / "x.npy",
+            tmp_path / "y.npy",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert result.stdout.split()[-1] == "keras"  # only built-in Keras layers, no multidrop import
     assert "multidrop" not in result.stderr
@@ -283,7 +326,9 @@ def test_remove_dropout_restores_the_layer_list_and_keeps_user_dropout(tmp_path)
 
 
 def test_frozen_nested_call_with_training_false_is_skipped_and_said():
-    backbone = keras.Sequential([keras.Input((8,)), layers.Dense(8, activation="relu", name="b1")], name="bb")
+    backbone = keras.Sequential(
+        [keras.Input((8,)), layers.Dense(8, activation="relu", name="b1")], name="bb"
+    )
     x = keras.Input((8,))
     h = layers.Dense(4, activation="relu", name="head")(backbone(x, training=False))
     model = keras.Model(x, layers.Dense(1, name="out")(h))
@@ -301,15 +346,15 @@ def test_plan_table_and_errors_are_clear():
     assert "3 dropout layers" in text and "shared_multidrop_1" in text and "0.25" in text
     with pytest.raises(ValueError, match="rate"):
         multidrop.plan(model, 1.0)
-    with pytest.raises(ValueError, match="'nope'.*Valid kinds"):
+    with pytest.raises(ValueError, match=r"'nope'.*Valid kinds"):
         multidrop.plan(model, 0.1, kind="nope")
-    with pytest.raises(ValueError, match="No layer named 'fc9'.*'fc2'"):
+    with pytest.raises(ValueError, match=r"No layer named 'fc9'.*'fc2'"):
         multidrop.plan(model, 0.1, where=["fc9"])
     with pytest.raises(ValueError, match="matched no site"):
         multidrop.plan(model, 0.1, where=layers.Conv2D)
-    with pytest.raises(ValueError, match="noise_shape.*rank"):
+    with pytest.raises(ValueError, match=r"noise_shape.*rank"):
         multidrop.plan(model, 0.1, noise_shape=(1, 1, 16))
-    with pytest.raises(TypeError, match="keras.Model"):
+    with pytest.raises(TypeError, match=r"keras.Model"):
         multidrop.insert_dropout("model.keras", 0.1)
 
 
@@ -332,9 +377,15 @@ def test_importing_multidrop_selects_torch_unless_told_otherwise():
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
     assert importlib.util.find_spec("torch"), "the test environment installs every backend"
     code = "import multidrop, keras; print(keras.backend.backend())"
-    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    default = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
     explicit = subprocess.run(
-        [sys.executable, "-c", code], env={**env, "KERAS_BACKEND": "numpy"}, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code],
+        env={**env, "KERAS_BACKEND": "numpy"},
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert default.stdout.split()[-1] == "torch"
     assert explicit.stdout.split()[-1] == "numpy"
@@ -348,7 +399,21 @@ def test_cli_plan_and_insert(tmp_path, capsys):
     assert cli.main(["plan", str(tmp_path / "m.keras"), "--rate", "0.2"]) == 0
     assert "3 dropout layers" in capsys.readouterr().out
     out = tmp_path / "out.keras"
-    assert cli.main(["insert", str(tmp_path / "m.keras"), "-o", str(out), "--rate", "fc2=0.5", "--where", "fc2"]) == 0
+    assert (
+        cli.main(
+            [
+                "insert",
+                str(tmp_path / "m.keras"),
+                "-o",
+                str(out),
+                "--rate",
+                "fc2=0.5",
+                "--where",
+                "fc2",
+            ]
+        )
+        == 0
+    )
     rewired = keras.saving.load_model(out)
     assert rewired.get_layer("fc2_multidrop").rate == 0.5
     assert cli.main(["plan", str(tmp_path / "missing.keras")]) == 2

@@ -15,8 +15,9 @@ from multidrop.search import search
 
 LOSS = "sparse_categorical_crossentropy"
 PLACES = {"head": select.last(1), "all": "activations"}
-SHARED = dict(where=PLACES, rates=[0.0, 0.3], loss=LOSS, epochs=1, seeds=2,
-              objective="val_accuracy")
+SHARED = dict(
+    where=PLACES, rates=[0.0, 0.3], loss=LOSS, epochs=1, seeds=2, objective="val_accuracy"
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,11 @@ def searched(data):
 def test_every_placement_and_rate_gets_a_row(searched, tmp_path):
     result = searched[-1]
     assert [(r["placement"], r["rate"]) for r in result.rows] == [
-        ("head", 0.0), ("head", 0.3), ("all", 0.0), ("all", 0.3)]
+        ("head", 0.0),
+        ("head", 0.3),
+        ("all", 0.0),
+        ("all", 0.3),
+    ]
     assert result.trained == 6  # the baseline (shared by both placements) and 2 x 2, 2 seeds each
     rows = {(r["placement"], r["rate"]): r for r in result.rows}
     assert rows["head", 0.0]["scores"] == rows["all", 0.0]["scores"]
@@ -96,8 +101,11 @@ def test_the_pasted_best_call_reproduces_the_best_score(data):
     the same arithmetic in one process give the same bits, on every backend."""
     model = mlp()
     result = search(model, *data, where=PLACES, rates=[0.2, 0.4], loss=LOSS, epochs=2)
-    assert re.fullmatch(r"multidrop\.insert_dropout\(model, 0\.[24], where="
-                        r"(select\.last\(1\)|'activations'), seed=0\)", result.best_call)
+    assert re.fullmatch(
+        r"multidrop\.insert_dropout\(model, 0\.[24], where="
+        r"(select\.last\(1\)|'activations'), seed=0\)",
+        result.best_call,
+    )
 
     keras.utils.set_random_seed(0)
     clone = eval(result.best_call, {"multidrop": multidrop, "select": select, "model": model})
@@ -167,8 +175,14 @@ def test_a_resumed_search_trains_only_what_is_missing(searched, data, tmp_path, 
 def test_bad_input_is_refused_before_any_training(change, error, message, data, monkeypatch):
     fits = FitCounter(monkeypatch)
     train, validation = data
-    arguments = {"train": train, "validation": validation, "where": PLACES,
-                 "rates": [0.0, 0.2], "loss": LOSS, **change}
+    arguments = {
+        "train": train,
+        "validation": validation,
+        "where": PLACES,
+        "rates": [0.0, 0.2],
+        "loss": LOSS,
+        **change,
+    }
     with pytest.raises(error, match=message):
         search(mlp(), **arguments)
     assert fits.calls == 0
@@ -177,11 +191,20 @@ def test_bad_input_is_refused_before_any_training(change, error, message, data, 
 def test_random_and_bayes_strategies_train_each_proposed_pair_once(data):
     model = mlp()
     for strategy in ("random", "bayes"):
-        result = search(model, *data, where=PLACES, rates=[0.0, 0.2, 0.4], loss=LOSS,
-                        epochs=1, strategy=strategy, n_trials=2)
+        result = search(
+            model,
+            *data,
+            where=PLACES,
+            rates=[0.0, 0.2, 0.4],
+            loss=LOSS,
+            epochs=1,
+            strategy=strategy,
+            n_trials=2,
+        )
         assert 1 <= len(result.rows) <= 2 and result.trained <= 2
-        assert result.trained == len({(r["placement"] if r["rate"] else "", r["rate"])
-                                      for r in result.rows})
+        assert result.trained == len(
+            {(r["placement"] if r["rate"] else "", r["rate"]) for r in result.rows}
+        )
 
 
 def test_the_search_command(data, tmp_path, capsys):
@@ -189,9 +212,24 @@ def test_the_search_command(data, tmp_path, capsys):
     mlp().save(path)
     for name, (x, y) in zip(("train", "validation"), data):
         np.savez(tmp_path / f"{name}.npz", x=x, y=y)
-    argv = ["search", str(path), "--train", str(tmp_path / "train.npz"), "--validation",
-            str(tmp_path / "validation.npz"), "--where", "head=h2", "--where", "all=activations",
-            "--rates", "0,0.3", "--epochs", "1", "-d", str(folder)]
+    argv = [
+        "search",
+        str(path),
+        "--train",
+        str(tmp_path / "train.npz"),
+        "--validation",
+        str(tmp_path / "validation.npz"),
+        "--where",
+        "head=h2",
+        "--where",
+        "all=activations",
+        "--rates",
+        "0,0.3",
+        "--epochs",
+        "1",
+        "-d",
+        str(folder),
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert len(re.findall(r"(head|all)\s+│ (\['h2'\]|select\.activations\(\))", out)) == 4
@@ -203,8 +241,18 @@ def test_the_search_command(data, tmp_path, capsys):
 
 
 def test_the_search_demo_step(tmp_path, capsys):
-    argv = ["demo", "search", "--seeds", "2", "--epochs", "2", "--per-class", "10",
-            "--out", str(tmp_path)]
+    argv = [
+        "demo",
+        "search",
+        "--seeds",
+        "2",
+        "--epochs",
+        "2",
+        "--per-class",
+        "10",
+        "--out",
+        str(tmp_path),
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "fine-tuning on 5-9 with 10 examples per class (50)" in out

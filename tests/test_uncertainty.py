@@ -73,7 +73,7 @@ def test_accuracy_nll_and_brier_by_hand():
     y = np.array([0, 2, 1])
     assert u.accuracy(p, y) == pytest.approx(1 / 3)
     assert u.nll(p, y) == pytest.approx(-(math.log(0.7) + math.log(0.1) + math.log(0.25)) / 3)
-    brier = ((0.3**2 + 0.2**2 + 0.1**2) + (0.1**2 + 0.8**2 + 0.9**2) + (0.5**2 + 0.75**2 + 0.25**2))
+    brier = (0.3**2 + 0.2**2 + 0.1**2) + (0.1**2 + 0.8**2 + 0.9**2) + (0.5**2 + 0.75**2 + 0.25**2)
     assert u.brier(p, y) == pytest.approx(brier / 3)
     assert u.brier(np.eye(3), [0, 1, 2]) == 0 and u.brier(np.eye(3), [1, 2, 0]) == 2
     assert u.nll([[1.0, 0.0]], [1]) == pytest.approx(-math.log(np.finfo("float64").tiny))
@@ -182,8 +182,17 @@ def test_evaluate_uncertainty_on_a_trained_model(digits, tmp_path):
     )
     drawn = multidrop.mc_predict(digits["probs"], x, 10, seed=0, return_samples=True)[2]
     mean = drawn.astype("float64").mean(0)
-    figures = [report.accuracy, report.nll, report.brier, report.ece, report.adaptive_ece,
-               report.aurc, report.temperature, report.nll_scaled, report.ece_scaled]
+    figures = [
+        report.accuracy,
+        report.nll,
+        report.brier,
+        report.ece,
+        report.adaptive_ece,
+        report.aurc,
+        report.temperature,
+        report.nll_scaled,
+        report.ece_scaled,
+    ]
     assert all(math.isfinite(f) for f in figures)
     assert 0.5 < report.accuracy <= 1 and not report.from_logits
     assert report.nll == u.nll(mean, y) and report.ece == u.ece(mean, y)
@@ -238,7 +247,12 @@ BAD = [
     (u.adaptive_ece, (P, [0, 1], 2.5), TypeError, "bins must be an int"),
     (u.aurc, ("probs", [0]), TypeError, "array of numbers"),
     (u.mutual_information, (P,), ValueError, "return_samples=True"),
-    (u.variation_ratio, (np.zeros((2, 0, 3)),), ValueError, r"\(samples, inputs, \.\.\., classes\)"),
+    (
+        u.variation_ratio,
+        (np.zeros((2, 0, 3)),),
+        ValueError,
+        r"\(samples, inputs, \.\.\., classes\)",
+    ),
     (u.temperature_scale, (P, 0.0), ValueError, "temperature must be positive"),
     (u.temperature_scale, (P, "2"), TypeError, "temperature must be a float"),
     (u.fit_temperature, (P, [0, 5]), ValueError, "labels must lie"),

@@ -126,7 +126,7 @@ def test_cross_backend_takes_the_insert_options_and_shows_the_changed_ones(model
     report = multidrop.cross_backend(model, rate=0.2, where="activations", kind="auto", seed=None)
     assert report.options == "rate=0.2, kind='auto'"  # the defaults are left out
     assert "5 dropout layers inserted (rate=0.2, kind='auto')" in str(report)
-    with pytest.raises(TypeError, match="cross_backend.*'sead'.*seed"):
+    with pytest.raises(TypeError, match=r"cross_backend.*'sead'.*seed"):
         multidrop.cross_backend(model, rate=0.2, sead=7)
 
 
@@ -134,7 +134,7 @@ def test_tolerance_for_reads_the_table_by_dtype():
     assert tolerance_for("float32") == TOLERANCES["float32"] == (1e-5, 1e-4)
     assert tolerance_for(np.dtype("float16")) == TOLERANCES["float16"]
     assert tolerance_for("bfloat16") == TOLERANCES["bfloat16"]
-    with pytest.raises(ValueError, match="'int32'.*float64"):
+    with pytest.raises(ValueError, match=r"'int32'.*float64"):
         tolerance_for("int32")
 
 

@@ -77,7 +77,12 @@ def run(model=None, *, options: Options, epochs=5, samples=30, out=".", console=
     with _progress(console) as progress:
         runs = _fine_tune(
             {"without dropout": _copy(model), "with dropout": rewired},
-            train, validation, loss, epochs, seed, progress,
+            train,
+            validation,
+            loss,
+            epochs,
+            seed,
+            progress,
         )
     console.print(_tuning_table(runs, len(plan)))
 
@@ -179,8 +184,14 @@ def _fine_tune(models, train, validation, loss, epochs, seed, progress) -> list[
     for epoch in range(epochs):
         for run in runs:
             keras.utils.set_random_seed(seed + epoch)
-            run.model.fit(*train, batch_size=32, epochs=epoch + 1, initial_epoch=epoch,
-                          verbose=0, callbacks=[run.clock])
+            run.model.fit(
+                *train,
+                batch_size=32,
+                epochs=epoch + 1,
+                initial_epoch=epoch,
+                verbose=0,
+                callbacks=[run.clock],
+            )
     for run in runs:
         scores = run.model.evaluate(*validation, verbose=0, return_dict=True)
         run.accuracy_after = scores["accuracy"]
@@ -189,28 +200,37 @@ def _fine_tune(models, train, validation, loss, epochs, seed, progress) -> list[
 
 def _tuning_table(runs, added) -> rich.table.Table:
     table = rich.table.Table(
-        title=f"fine-tuning on the digits ({added} dropout layers added)", title_justify="left",
-        caption="step time: median wall time between training steps", caption_justify="left",
+        title=f"fine-tuning on the digits ({added} dropout layers added)",
+        title_justify="left",
+        caption="step time: median wall time between training steps",
+        caption_justify="left",
     )
     for column in ("fine-tuned", "val acc before", "val acc after", "step time", "overhead"):
         table.add_column(column, justify="left" if column == "fine-tuned" else "right")
     base = runs[0].step_ms
     for r in runs:
         overhead = f"{100 * (r.step_ms / base - 1):+.0f}%" if r is not runs[0] else "-"
-        table.add_row(r.name, f"{r.accuracy_before:.3f}", f"{r.accuracy_after:.3f}",
-                      f"{r.step_ms:.1f} ms", overhead)
+        table.add_row(
+            r.name,
+            f"{r.accuracy_before:.3f}",
+            f"{r.accuracy_after:.3f}",
+            f"{r.step_ms:.1f} ms",
+            overhead,
+        )
     return table
 
 
 def _calibration_table(model, validation, test, mc_mean, samples, seed, logits):
     """Deterministic vs Monte Carlo predictions on the test digits: can their confidence be
     trusted? The temperature of each is fitted on the validation digits."""
+
     def probabilities(x):
         out = keras.ops.convert_to_numpy(model(x, training=False))
         return keras.ops.convert_to_numpy(keras.ops.softmax(out)) if logits else out
 
-    drawn = multidrop.mc_predict(model, validation[0], samples, seed=seed + 1,
-                                 return_samples=True)[2]
+    drawn = multidrop.mc_predict(model, validation[0], samples, seed=seed + 1, return_samples=True)[
+        2
+    ]
     if logits:  # the mean of logits is no probability: a softmax per sample, then the mean
         drawn = keras.ops.convert_to_numpy(keras.ops.softmax(drawn))
     mc_validation = drawn.mean(axis=0)
@@ -227,9 +247,12 @@ def _calibration_table(model, validation, test, mc_mean, samples, seed, logits):
         t = uncertainty.fit_temperature(calibration, validation[1])
         scaled = uncertainty.temperature_scale(held_out, t)
         table.add_row(
-            name, f"{uncertainty.accuracy(held_out, test[1]):.3f}",
-            f"{uncertainty.nll(held_out, test[1]):.3f}", f"{uncertainty.ece(held_out, test[1]):.3f}",
-            f"{t:.2f}", f"{uncertainty.nll(scaled, test[1]):.3f}",
+            name,
+            f"{uncertainty.accuracy(held_out, test[1]):.3f}",
+            f"{uncertainty.nll(held_out, test[1]):.3f}",
+            f"{uncertainty.ece(held_out, test[1]):.3f}",
+            f"{t:.2f}",
+            f"{uncertainty.nll(scaled, test[1]):.3f}",
             f"{uncertainty.ece(scaled, test[1]):.3f}",
         )
     return table
@@ -241,15 +264,28 @@ def _uncertain_table(shown, labels, mean, std, entropy, bald, samples) -> rich.t
         f"(Monte Carlo dropout, {samples} samples)",
         title_justify="left",
     )
-    for column in ("test #", "true", "predicted", "mean p", "± std", "runner-up", "entropy",
-                   "BALD"):
+    for column in (
+        "test #",
+        "true",
+        "predicted",
+        "mean p",
+        "± std",
+        "runner-up",
+        "entropy",
+        "BALD",
+    ):
         table.add_column(column, justify="right")
     for i in shown:
         first, second = np.argsort(-mean[i])[:2]
         table.add_row(
-            str(i), str(labels[i]), str(first) + (" ✗" if first != labels[i] else ""),
-            f"{mean[i, first]:.2f}", f"{std[i, first]:.2f}",
-            f"{second} ({mean[i, second]:.2f})", f"{entropy[i]:.2f}", f"{bald[i]:.3f}",
+            str(i),
+            str(labels[i]),
+            str(first) + (" ✗" if first != labels[i] else ""),
+            f"{mean[i, first]:.2f}",
+            f"{std[i, first]:.2f}",
+            f"{second} ({mean[i, second]:.2f})",
+            f"{entropy[i]:.2f}",
+            f"{bald[i]:.3f}",
         )
     return table
 
@@ -274,8 +310,11 @@ def _draw(shown, test, mean, entropy, out: pathlib.Path) -> pathlib.Path:
         axes = figure.add_subplot(rows, columns, k + 1)
         axes.imshow(images[i].reshape(8, 8), cmap="gray_r")
         guess = int(np.argmax(mean[i]))
-        axes.set_title(f"true {labels[i]}, says {guess}\np={mean[i, guess]:.2f} H={entropy[i]:.2f}",
-                       fontsize=8, color="black" if guess == labels[i] else "red")
+        axes.set_title(
+            f"true {labels[i]}, says {guess}\np={mean[i, guess]:.2f} H={entropy[i]:.2f}",
+            fontsize=8,
+            color="black" if guess == labels[i] else "red",
+        )
         axes.set_axis_off()
     out.mkdir(parents=True, exist_ok=True)
     path = out / PNG_NAME

@@ -68,8 +68,9 @@ def train(epochs: int = 4, seed: int = 0) -> keras.Model:
     keras.utils.set_random_seed(seed)
     (x, y), validation, _ = load()
     model = build()
-    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model.compile(
+        keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     model.fit(x, y, batch_size=32, epochs=epochs, validation_data=validation, verbose=2)
     return model
 

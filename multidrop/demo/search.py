@@ -75,17 +75,23 @@ class HeldOut:
             f"held-out digits 5-9, never seen by the search ({len(self.difference)} seeds)",
             ["fine-tuned", "#accuracy", "#loss", "accuracy per seed"],
         )
-        for key, label in (("none", "no dropout"),
-                           ("dropout", f"{self.best['placement']}, rate {self.best['rate']:g}")):
+        for key, label in (
+            ("none", "no dropout"),
+            ("dropout", f"{self.best['placement']}, rate {self.best['rate']:g}"),
+        ):
             acc, loss = np.array(self.accuracy[key]), np.array(self.loss[key])
-            table.add_row(label, f"{acc.mean():.3f} ± {acc.std(ddof=1):.3f}",
-                          f"{loss.mean():.3f} ± {loss.std(ddof=1):.3f}",
-                          " ".join(f"{a:.3f}" for a in acc))
+            table.add_row(
+                label,
+                f"{acc.mean():.3f} ± {acc.std(ddof=1):.3f}",
+                f"{loss.mean():.3f} ± {loss.std(ddof=1):.3f}",
+                " ".join(f"{a:.3f}" for a in acc),
+            )
         return table
 
 
-def run(*, out=".", seeds: int = 5, epochs: int = EPOCHS, per_class: int = 20,
-        console=None) -> tuple[SearchResult, HeldOut]:
+def run(
+    *, out=".", seeds: int = 5, epochs: int = EPOCHS, per_class: int = 20, console=None
+) -> tuple[SearchResult, HeldOut]:
     """Pretrain, search, compare on held-out data, and print each stage.
 
     Args:
@@ -112,17 +118,30 @@ def run(*, out=".", seeds: int = 5, epochs: int = EPOCHS, per_class: int = 20,
     )
     folder = pathlib.Path(out) / "search"
     result = run_search(
-        model, train, validation, where=PLACEMENTS, rates=RATES, loss=LOSS,
-        metrics=["accuracy"], objective="val_loss", epochs=epochs, seeds=seeds,
-        batch_size=32, directory=folder, verbose=True,
+        model,
+        train,
+        validation,
+        where=PLACEMENTS,
+        rates=RATES,
+        loss=LOSS,
+        metrics=["accuracy"],
+        objective="val_loss",
+        epochs=epochs,
+        seeds=seeds,
+        batch_size=32,
+        directory=folder,
+        verbose=True,
     )
     console.print(render.text(result.table()), end="", soft_wrap=True)
     console.print(f"best on validation: {result.best_call}", soft_wrap=True)
     heldout = held_out(model, result, train, test, epochs, seeds)
     console.print(render.text(heldout.table()), end="", soft_wrap=True)
     console.print(heldout.verdict(), soft_wrap=True)
-    console.print(f"wrote {folder / 'heatmap.png'} and {folder / 'best.keras'} "
-                  f"in {time.perf_counter() - start:.0f} s", soft_wrap=True)
+    console.print(
+        f"wrote {folder / 'heatmap.png'} and {folder / 'best.keras'} "
+        f"in {time.perf_counter() - start:.0f} s",
+        soft_wrap=True,
+    )
     return result, heldout
 
 
@@ -156,7 +175,8 @@ def transfer_model(pretrain, seed: int = 0) -> keras.Model:
     x = keras.layers.Flatten(name="flatten")(x)
     features = keras.layers.Dense(64, activation="relu", name="fc")(x)
     source = keras.Model(
-        inputs, keras.layers.Dense(5, activation="softmax", name="digits_0_4")(features))
+        inputs, keras.layers.Dense(5, activation="softmax", name="digits_0_4")(features)
+    )
     source.compile("adam", LOSS)
     source.fit(*pretrain, batch_size=32, epochs=PRETRAIN_EPOCHS, verbose=0)
     head = keras.layers.Dense(5, activation="softmax", name="digits_5_9")(features)
@@ -175,7 +195,8 @@ def held_out(model, result: SearchResult, train, test, epochs: int, seeds: int) 
                 net.set_weights(model.get_weights())
             else:
                 net = multidrop.insert_dropout(
-                    model, best["rate"], where=PLACEMENTS[best["placement"]], seed=seed)
+                    model, best["rate"], where=PLACEMENTS[best["placement"]], seed=seed
+                )
             net.compile("adam", LOSS, metrics=["accuracy"])
             net.fit(*train, batch_size=32, epochs=epochs, verbose=0)
             scores = net.evaluate(*test, verbose=0, return_dict=True)

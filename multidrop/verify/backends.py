@@ -229,9 +229,9 @@ def cross_backend(
         tolerances: ``{"atol": ..., "rtol": ...}`` overriding either default.
         edit: ``"insert"`` runs `insert_dropout`, ``"set"`` runs `set_dropout`.
         **insert_options: the options of that edit (`multidrop.options.Options`, or
-            `multidrop.options.SetOptions` for ``"set"``; ``rate`` is required), checked here. They cross process boundaries, so
-            they must pickle: use ``where='activations'``, layer classes or layer
-            names, not selectors or lambdas.
+            `multidrop.options.SetOptions` for ``"set"``; ``rate`` is required), checked
+            here. They cross process boundaries, so they must pickle: use
+            ``where='activations'``, layer classes or layer names, not selectors or lambdas.
 
     Returns:
         A `CrossBackendReport`: ``.ok``, ``print(report)`` for the tables, ``.to_json()``.

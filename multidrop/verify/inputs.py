@@ -15,7 +15,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from multidrop import _keras, graph
+from multidrop import graph
 
 SMALL_INT_RANGE = 10  # integer inputs that feed no Embedding are drawn from [0, 10)
 

@@ -2,8 +2,9 @@
 
 `cross_backend` starts one worker per backend, with ``KERAS_BACKEND`` set. The
 worker loads the ``.keras`` file MODEL, inserts dropout with the `Options`
-(or sets the layers' own rates with the `SetOptions`) pickled in TMP, checks the clone bitwise against the original on the inputs
-saved in TMP, and writes its `BackendRun` (report and outputs) back into TMP.
+(or sets the layers' own rates with the `SetOptions`) pickled in TMP, checks
+the clone bitwise against the original on the inputs saved in TMP, and writes
+its `BackendRun` (report and outputs) back into TMP.
 
 Example:
     $ KERAS_BACKEND=jax python -m multidrop.verify.worker model.keras /tmp/run jax
