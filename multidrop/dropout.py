@@ -27,7 +27,9 @@ compiled on the first training call in a process (seconds; Inductor caches it on
 disk for the next process); where compiling fails it warns once and runs the
 same mask as a few int32 tensor ops. Under ``jit_compile=True`` the function is
 traced into the model's graph instead. On JAX and TensorFlow the mask is a few
-``keras.ops`` integer ops, which XLA fuses under ``jit``.
+``keras.ops`` integer ops in one XLA-compiled function (``jax.jit``,
+``tf.function(jit_compile=True)``), fused with the multiply even outside a compiled
+train step; there autodiff keeps what XLA decides (no mask-free backward).
 """
 
 from __future__ import annotations
