@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from multidrop import graph, kinds, rebuild, render, select
 from multidrop.graph import Call
@@ -217,10 +217,7 @@ def _config_keys(call: Call) -> list[str]:
 
 
 def _check_rate_names(rate, chosen, model) -> None:
-    if not isinstance(rate, Mapping):
-        return
-    known = {c.name for c in chosen} | {c.qualname for c in chosen}
-    missing = [name for name in rate if name not in known]
+    missing = kinds.unmatched_rate_names(rate, chosen)
     if missing:
         raise ValueError(
             f"rate names {missing}, which are not among the layers set in model "

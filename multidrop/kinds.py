@@ -80,6 +80,14 @@ def check_rate(rate) -> None:
         check_rate_value(rate, "")
 
 
+def unmatched_rate_names(rate, calls: list[Call]) -> list[str]:
+    """The names of a ``{layer_name: rate}`` rate that name none of ``calls``."""
+    if not isinstance(rate, Mapping):
+        return []
+    known = {c.name for c in calls} | {c.qualname for c in calls}
+    return [name for name in rate if name not in known]
+
+
 def resolve_rates(rate, calls: list[Call]) -> list[float | None]:
     """The rate for each of ``calls`` (None leaves a site untouched)."""
     if isinstance(rate, linear):

@@ -164,7 +164,7 @@ def decide(model, opts: Options) -> Plan:
             "sites by name"
             + (f": where={[c.name for c in candidates[:3]]}." if candidates else ".")
         )
-    _check_rate_names(rate_names, chosen, selector)
+    _check_rate_names(opts.rate, chosen, selector)
 
     rates = kinds.resolve_rates(opts.rate, chosen)
     taken = {c.name for c in calls} | _input_names(model, calls)
@@ -270,13 +270,12 @@ def check_names(names, calls, reasons, model, recursive: bool = True) -> None:
             raise ValueError(f"Cannot put dropout after layer {name!r}: {reasons[id(matches[0])]}.")
 
 
-def _check_rate_names(rate_names, chosen, selector) -> None:
-    chosen_names = {c.name for c in chosen} | {c.qualname for c in chosen}
-    missing = [n for n in rate_names if n not in chosen_names]
+def _check_rate_names(rate, chosen, selector) -> None:
+    missing = kinds.unmatched_rate_names(rate, chosen)
     if missing:
         raise ValueError(
             f"rate names {missing}, which where={selector} does not select. "
-            f"Pass where={list(rate_names)!r} to put dropout after exactly the "
+            f"Pass where={list(rate)!r} to put dropout after exactly the "
             "layers named in rate."
         )
 
