@@ -425,7 +425,7 @@ class _Search:
             trial.set_user_attr(f"seed {seed}", list(self.done[key]))  # stored at once
         return float(np.mean([self.done[_key(placement, rate, s)][0] for s in range(self.seeds)]))
 
-    def fit(self, placement: str, rate: float, seed: int):
+    def fit(self, placement: str, rate: float, seed: int, note: str = ""):
         """Train one clone; return it with its (validation, training) objective values."""
         start = time.perf_counter()
         keras.utils.set_random_seed(seed)
@@ -444,7 +444,7 @@ class _Search:
         if self.verbose:
             print(
                 f"{placement if rate else 'no dropout':>12}  rate {rate:<5g} seed {seed:<3d} "
-                f"{self.objective} {scores[0]:.4f}  ({time.perf_counter() - start:.1f} s)",
+                f"{self.objective} {scores[0]:.4f}  ({time.perf_counter() - start:.1f} s){note}",
                 flush=True,
             )
         return net, scores
@@ -480,7 +480,7 @@ class _Search:
         ):
             model = keras.saving.load_model(saved)
         if model is None:
-            model, _ = self.fit(best["placement"], best["rate"], 0)
+            model, _ = self.fit(best["placement"], best["rate"], 0, "  best_model, trained again")
             if saved is not None:
                 model.save(saved)
                 study.set_user_attr("best", [best["placement"], best["rate"]])
