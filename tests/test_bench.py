@@ -13,23 +13,21 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TORCH = keras.backend.backend() == "torch"
 
 
-def test_quick_benchmark_writes_table_json_and_chart(tmp_path):
-    backend = keras.backend.backend()
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--quick",
-            "--backend",
-            backend,
-            "--out",
-            str(tmp_path),
-        ],
+def run_module(module: str, *args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    """``python -m module args...`` from the repository root, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
+    )
+
+
+def test_quick_benchmark_writes_table_json_and_chart(tmp_path):
+    backend = keras.backend.backend()
+    run = run_module(
+        "benchmarks", "--quick", "--backend", backend, "--out", str(tmp_path), timeout=300
     )
     assert run.returncode == 0, run.stderr[-3000:]
     table = run.stdout.strip().splitlines()
@@ -68,34 +66,15 @@ def test_quick_benchmark_writes_table_json_and_chart(tmp_path):
 
 
 def test_benchmark_rejects_an_unknown_model(tmp_path):
-    run = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--models", "mlp,vgg", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = run_module("benchmarks", "--models", "mlp,vgg", "--out", str(tmp_path))
     assert run.returncode == 2 and "unknown ['vgg']" in run.stderr
 
 
 def test_quick_floor_benchmark_writes_table_json_and_chart(tmp_path):
     backend = keras.backend.backend()
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.floor",
-            "--quick",
-            "--sizes",
-            "4096,300",
-            "--backend",
-            backend,
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    run = run_module(
+        "benchmarks.floor",
+        *("--quick", "--sizes", "4096,300", "--backend", backend, "--out", str(tmp_path)),
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -126,11 +105,5 @@ def test_quick_floor_benchmark_writes_table_json_and_chart(tmp_path):
 
 
 def test_floor_benchmark_rejects_a_bad_size(tmp_path):
-    run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.floor", "--sizes", "4096,lots", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = run_module("benchmarks.floor", "--sizes", "4096,lots", "--out", str(tmp_path))
     assert run.returncode == 2 and "--sizes takes comma-separated integers" in run.stderr
