@@ -52,8 +52,9 @@ from keras.src.layers.convolutional.base_conv import BaseConv  # noqa: E402
 from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose  # noqa: E402
 from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv  # noqa: E402
 from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv  # noqa: E402
+from keras.src.layers.layer import Layer  # noqa: E402
 from keras.src.models.functional import Functional  # noqa: E402
-from keras.src.saving import saving_lib  # noqa: E402
+from keras.src.saving import object_registration, saving_lib  # noqa: E402
 
 CONV_LAYERS = (BaseConv, BaseConvTranspose, BaseDepthwiseConv, BaseSeparableConv)
 
@@ -127,6 +128,86 @@ def training_kept():
     finally:
         if context is not None:
             context.set_value("training", before)
+
+
+@contextlib.contextmanager
+def intercepting_calls(around):
+    """Route every layer call made in the block through ``around(layer, args, kwargs,
+    proceed)``, which must return ``proceed()`` (the call's outputs). Keras has no hook
+    for the sublayer calls a ``call()`` makes, so ``Layer.__call__`` is wrapped for the
+    duration of the block; no layer is touched."""
+    original = Layer.__call__
+
+    def intercepted(self, *args, **kwargs):
+        return around(self, args, kwargs, lambda: original(self, *args, **kwargs))
+
+    Layer.__call__ = intercepted
+    try:
+        yield
+    finally:
+        Layer.__call__ = original
+
+
+def is_keras_layer(layer) -> bool:
+    """True when ``layer``'s class is Keras' own or derives from a Keras layer other than
+    ``Layer`` and ``Model`` (``MultiHeadAttention`` and keras-hub's subclass of it): its
+    structure is Keras', not written by a user in a ``call()``."""
+    for cls in type(layer).__mro__:
+        if cls.__module__.startswith("keras."):
+            return cls not in (Layer, keras.Model, keras.layers.Layer)
+    return True
+
+
+def children(layer) -> list[tuple[tuple, object]]:
+    """``(steps, sublayer)`` for the layers ``layer`` holds directly, as a ``.keras`` file
+    finds them: attributes, and lists, tuples and dicts in attributes (``("blocks", 1)``)."""
+    found = []
+    for name, value in saving_lib._walk_saveable(layer):
+        if isinstance(value, Layer):
+            found.append(((name,), value))
+        elif isinstance(value, (list, tuple)):
+            found += [((name, i), v) for i, v in enumerate(value) if isinstance(v, Layer)]
+        elif isinstance(value, dict):
+            found += [((name, k), v) for k, v in value.items() if isinstance(v, Layer)]
+    return found
+
+
+def replace_sublayer(parent, old, new) -> None:
+    """Put ``new`` where the built layer ``parent`` holds ``old``: in its attributes, lists
+    and dicts, and in Keras' record of its sublayers (at the same place, so the order of
+    the weights stays). Keras locks a built layer against new sublayers; a replacement
+    keeps the count, so it is made the way Keras' own ``replace_tracked_value`` makes it."""
+    parent._tracker.replace_tracked_value("layers", old, new)
+    replaced = False
+    for steps, value in children(parent):
+        if value is not old:
+            continue
+        holder = getattr(parent, steps[0])
+        if len(steps) == 1:
+            setattr(parent, steps[0], new)
+        elif isinstance(holder, tuple):
+            setattr(parent, steps[0], tuple(new if v is old else v for v in holder))
+        else:  # a tracked list or dict: set the item without tracking it twice
+            (dict if isinstance(holder, dict) else list).__setitem__(holder, steps[1], new)
+        replaced = True
+    if not replaced:
+        raise ValueError(f"{parent.name!r} holds {old.name!r} in no attribute")
+
+
+def save_under(cls: type, registered_name: str) -> None:
+    """Make Keras save instances of ``cls`` (not its bases) as ``registered_name``, the name
+    of a registered loader: ``GLOBAL_CUSTOM_NAMES`` is what ``register_keras_serializable``
+    writes, keyed by class."""
+    object_registration.GLOBAL_CUSTOM_NAMES[cls] = registered_name
+
+
+def registered_name(cls: type) -> str:
+    return object_registration.get_registered_name(cls)
+
+
+def takes_training(layer) -> bool:
+    """True when ``layer.call`` has a ``training`` argument."""
+    return layer._call_has_training_arg
 
 
 def copy_state(old, new) -> None:

@@ -23,7 +23,7 @@ import numbers
 import re
 from collections.abc import Sequence
 
-from multidrop import graph, kinds, rebuild, render, select
+from multidrop import graph, kinds, probe, rebuild, render, select
 from multidrop.graph import Call
 from multidrop.options import SetOptions
 from multidrop.plan import check_names
@@ -66,6 +66,7 @@ class Change:
         layer: the layer (or model) whose config holds the field.
         field: the config key; old, new: its rate before and after.
         kernel: why Keras runs another kernel after the change ("" when it does not).
+        node: the call's node (a `multidrop.probe.ProbeNode` inside a ``call()``).
     """
 
     qualname: str
@@ -74,6 +75,7 @@ class Change:
     old: float
     new: float
     kernel: str = ""
+    node: object = dataclasses.field(default=None, repr=False, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,9 +157,8 @@ def changes(model, opts: SetOptions) -> FieldPlan:
         qualname = call.qualname if call is not top else model.name
         for name, old in _fields(call.operation, opts).items():
             kernel = KERNEL_SWITCH.get((type(call.operation).__name__, name), "")
-            rows.append(
-                Change(qualname, call.operation, name, old, rate, kernel if old == 0 < rate else "")
-            )
+            kernel = kernel if old == 0 < rate else ""
+            rows.append(Change(qualname, call.operation, name, old, rate, kernel, call.node))
     return FieldPlan(model.name, tuple(rows))
 
 
@@ -186,7 +187,11 @@ def _covered(call: Call, chosen: list[Call], top: Call) -> bool:
 
 
 def _owns(model) -> bool:
-    return graph.is_graph_model(model) and not rebuild.is_plain(model) and bool(rate_fields(model))
+    """A subclassed model or custom layer whose own rate fields drive the layers inside."""
+    custom = probe.is_structure(model) or (
+        graph.is_graph_model(model) and not rebuild.is_plain(model)
+    )
+    return custom and bool(rate_fields(model))
 
 
 def nested_config(config, changes: dict[str, dict]):

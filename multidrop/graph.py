@@ -25,7 +25,7 @@ import weakref
 
 import keras
 
-from multidrop import _keras
+from multidrop import _keras, probe
 from multidrop._keras import Functional
 
 _LISTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -110,26 +110,26 @@ def inputs_struct(model):
 
 
 def is_graph_model(obj) -> bool:
-    """True for the models multidrop can rewire: Functional and Sequential."""
+    """True for the models multidrop rebuilds from their graph: Functional and Sequential."""
     return isinstance(obj, (Functional, keras.Sequential))
 
 
 def check_model(model, argument: str = "model") -> None:
-    """Raise a clear error unless ``model`` is a built graph model."""
+    """Raise a clear error unless ``model`` is a built Keras model."""
     if not isinstance(model, keras.Model):
         raise TypeError(
             f"`{argument}` must be a keras.Model, got {type(model).__name__}. "
-            "Pass a Functional or Sequential Keras 3 model, or load one with "
+            "Pass a built Keras 3 model, or load one with "
             "keras.saving.load_model('model.keras')."
         )
     if not is_graph_model(model):
-        raise TypeError(
-            f"`{argument}` is a subclassed model ({type(model).__name__}); "
-            "only Functional and Sequential graphs can be rewired, because a "
-            "subclassed model's call() is Python code with no graph to edit. "
-            "Rebuild it with the Functional API, or add Dropout layers in its "
-            "call() yourself."
-        )
+        if not model.built:
+            raise ValueError(
+                f"Subclassed model '{model.name}' ({type(model).__name__}) is not built, so it "
+                "has no weights to keep yet. Call it once on a batch of data, model(x), "
+                "or model.build((None, *shape)), then edit it."
+            )
+        return
     if isinstance(model, keras.Sequential) and _keras.sequential_graph(model) is None:
         if not model.built:
             raise ValueError(
@@ -216,26 +216,44 @@ def nodes(model) -> list:
 
 
 def walk(model, *, recursive: bool = True) -> list[Call]:
-    """Every call in ``model``'s graph, nested graph models included.
+    """Every call in ``model``: its graph's, nested graph models' and, for structure that
+    lives in Python (a subclassed model, a custom layer's ``call()``), the sublayer calls
+    one probe call records (see `multidrop.probe`).
 
-    A nested model's own calls follow the call of the nested model itself,
-    and are listed once even when the nested model is called several times.
+    A nested model's or custom layer's own calls follow its call, and are listed once
+    even when it is called several times.
 
     Args:
-        model: a built Functional or Sequential model.
-        recursive: also walk into nested Functional and Sequential models.
+        model: a built Keras model.
+        recursive: also walk into nested graph models and custom layers.
 
     Returns:
-        A list of `Call`, in topological order.
+        A list of `Call`, in the order the model runs them.
     """
     check_model(model)
+    if not is_graph_model(model):
+        return probe.calls_inside(probe.of(model), (), True, recursive=recursive)
     graph = graph_of(model)
     calls: list[Call] = []
-    _walk(model, (), set(map(id, graph.outputs)), (False, False), recursive, calls, set())
+    records = _Records(model)
+    _walk(model, (), set(map(id, graph.outputs)), (False, False), recursive, calls, set(), records)
     return calls
 
 
-def _walk(model, path, final_ids, fixed, recursive, calls, seen) -> None:
+class _Records:
+    """The probe records of a graph model's custom layers, made on first need."""
+
+    def __init__(self, model):
+        self.model = model
+        self.first: dict | None = None
+
+    def of(self, layer) -> probe.Record:
+        if self.first is None:
+            self.first = probe.first_records(probe.of(self.model))
+        return self.first[id(layer)]
+
+
+def _walk(model, path, final_ids, fixed, recursive, calls, seen, records) -> None:
     counts: dict[int, int] = {}
     graph_nodes = nodes(model)
     for node in graph_nodes:
@@ -244,6 +262,8 @@ def _walk(model, path, final_ids, fixed, recursive, calls, seen) -> None:
         counts[id(op)] = index + 1
         is_output = any(id(t) in final_ids for t in node.outputs)
         calls.append(Call(op, node, path, index, is_output, *fixed))
+        if recursive and index == 0 and probe.is_structure(op):
+            calls += probe.calls_inside(records.of(op), (*path, op.name), is_output, fixed)
         if recursive and is_graph_model(op) and id(op) not in seen:
             seen.add(id(op))
             # A nested model called several times: an inner tensor is final if any call
@@ -259,4 +279,5 @@ def _walk(model, path, final_ids, fixed, recursive, calls, seen) -> None:
             training = [use.arguments.kwargs.get("training") for use in uses]
             inert = fixed[0] or all(t is False for t in training)
             forced = fixed[1] or any(t is True for t in training)
-            _walk(op, (*path, op.name), inner_final, (inert, forced), recursive, calls, seen)
+            inner_path = (*path, op.name)
+            _walk(op, inner_path, inner_final, (inert, forced), recursive, calls, seen, records)

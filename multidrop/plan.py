@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import keras
 
-from multidrop import _keras, graph, kinds, rebuild, render
+from multidrop import _keras, graph, kinds, probe, rebuild, render, surgery
 from multidrop.graph import Call
 from multidrop.layers import MonteCarlo
 from multidrop.options import Options, build, signature_of
@@ -100,6 +100,8 @@ class Plan(Sequence):
         )
         for i, site in enumerate(self.sites):
             call = site.qualname + (f" (call {site.call.index + 1})" if site.call.index else "")
+            calls = getattr(site.call.node, "calls", 1)
+            call += f" (all {calls} calls)" if calls > 1 else ""
             table.add_row(
                 str(i),
                 call,
@@ -189,6 +191,7 @@ def decide(model, opts: Options) -> Plan:
         )
     if not opts.share_weights:
         _check_clonable(calls)
+    _check_copyable(model, sites)
     return Plan(model.name, tuple(sites), opts, note)
 
 
@@ -226,12 +229,22 @@ def _check_clonable(calls) -> None:
     """Clone every layer from its config once, so a layer that cannot be cloned is
     refused now, by name, rather than halfway through the rebuild."""
     for call in calls:
-        if call.index == 0 and not graph.is_graph_model(call.operation):
+        inside = isinstance(call.node, probe.ProbeNode)  # copied with the layer around it
+        if call.index == 0 and not inside and not graph.is_graph_model(call.operation):
             rebuild.clone_operation(call.operation)
+
+
+def _check_copyable(model, sites) -> None:
+    """A subclassed model edited inside its ``call()`` is copied whole by surgery: check
+    now that it can be (`multidrop.surgery.check_copyable`)."""
+    if not graph.is_graph_model(model):
+        surgery.check_copyable(model)
 
 
 def _why_not(call: Call, include_outputs: bool, mc: bool) -> str | None:
     """Why a dropout cannot, or by default does not, follow ``call``; None if it can."""
+    if getattr(call.node, "reason", None):
+        return call.node.reason
     outputs = call.outputs
     if len(outputs) != 1 or "float" not in str(outputs[0].dtype):
         return (
@@ -281,7 +294,7 @@ def _check_rate_names(rate, chosen, selector) -> None:
 
 
 def _input_names(model, calls) -> set[str]:
-    models = [model, *(c.operation for c in calls if graph.is_graph_model(c.operation))]
+    models = [m for m in (model, *(c.operation for c in calls)) if graph.is_graph_model(m)]
     return {_keras.producer(t).name for m in models for t in graph.graph_of(m).inputs}
 
 

@@ -51,7 +51,7 @@ from collections.abc import Callable, Mapping
 import keras
 from keras import tree
 
-from multidrop import _keras, graph
+from multidrop import _keras, graph, probe, surgery
 
 
 def rebuild(
@@ -88,6 +88,26 @@ def rebuild(
             the message names the layer and the way out.
     """
     return _Rebuild(dict(after or {}), set(map(id, drop)), clone or clone_operation).run(model)
+
+
+def edit(model, *, after=None, drop=(), inside=(), clone=None) -> keras.Model:
+    """Every edit's one entry: a graph is rebuilt (`rebuild`), structure that lives in
+    Python is edited by surgery on a copy (`multidrop.surgery.edit`).
+
+    Args:
+        model: a built Keras model.
+        after, drop, clone: as for `rebuild` (graph nodes only).
+        inside: ``(owner, sublayer, factory)`` edits of sublayers inside ``call()`` code:
+            the copy of the custom layer or subclassed model that holds ``owner`` has
+            ``owner``'s ``sublayer`` replaced by ``factory(its copy)``.
+
+    Example:
+        >>> new = edit(model, after={node: keras.layers.Dropout(0.2)})
+    """
+    if not graph.is_graph_model(model):
+        return surgery.edit(model, list(inside))
+    clone = surgery.cloner(list(inside), clone or clone_operation)
+    return rebuild(model, after=after, drop=drop, clone=clone)
 
 
 def clone_operation(op) -> keras.Operation:
@@ -127,7 +147,7 @@ class _Rebuild:
         flags = {id(layer): layer.trainable for layer in _keras.all_layers(model)}
         new = self.operation(model)
         for old, clone in self.pairs:
-            if clone is not old and type(clone) is type(old):
+            if clone is not old and type(clone) is type(old) and not surgery.made(clone):
                 _copy_state(old, clone)
         self.copy_trainable(model, new, flags)
         self.keep_output_names(model, new)
@@ -201,7 +221,7 @@ class _Rebuild:
             else:
                 self.clones[id(op)] = new
                 self.pairs.append((op, new))
-                if graph.is_graph_model(op):
+                if graph.is_graph_model(op) or probe.is_structure(op):
                     self.whole.add(op.name)
         return self.clones[id(op)]
 
@@ -219,6 +239,8 @@ class _Rebuild:
                 continue
             if graph.is_graph_model(op) and op.name not in self.whole:
                 self.copy_trainable(op, clone, flags)
+            elif surgery.made(clone):
+                continue  # its flags were copied layer by layer
             elif type(clone) is type(op):
                 for layer, inner in zip(_keras.all_layers(op), _keras.all_layers(clone)):
                     inner.trainable = flags[id(layer)]
@@ -239,7 +261,8 @@ class _Rebuild:
 
     def check(self, model, before: list, new) -> None:
         """The rebuild's own lint: what was asked is there, once, and nothing is lost."""
-        after = graph.walk(new)
+        before = [c for c in before if not isinstance(c.node, probe.ProbeNode)]
+        after = [c for c in graph.walk(new) if not isinstance(c.node, probe.ProbeNode)]
         expected = len(before) - len(self.drop) + len(self.after)
         inserted = list(self.after.values())
         problems = []

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import keras
 
-from multidrop import fields, graph, kinds
-from multidrop.layers import MonteCarlo
+from multidrop import _keras, fields, graph, kinds, probe, surgery
+from multidrop.layers import MonteCarlo, Then
 from multidrop.options import Options, RemoveOptions, SetOptions, build, signature_of
 from multidrop.plan import decide, is_added_name
-from multidrop.rebuild import clone_operation, clone_with_config, rebuild
+from multidrop.rebuild import clone_operation, clone_with_config, edit
 
 
 @signature_of(Options, "model")
@@ -49,7 +49,13 @@ def insert_dropout(model, rate, where="activations", **options) -> keras.Model:
     """
     opts = build(Options, "insert_dropout", rate=rate, where=where, **options)
     the_plan = decide(model, opts)
-    return rebuild(model, after=the_plan.after, clone=_cloner(opts.share_weights))
+    after = {n: layer for n, layer in the_plan.after.items() if not _inside(n)}
+    inside = [
+        (n.owner, n.operation, lambda sub, layer=layer: Then(sub, layer))
+        for n, layer in the_plan.after.items()
+        if _inside(n)
+    ]
+    return edit(model, after=after, inside=inside, clone=_cloner(opts.share_weights))
 
 
 @signature_of(RemoveOptions, "model")
@@ -71,15 +77,21 @@ def remove_dropout(model, **options) -> keras.Model:
         True
     """
     opts = build(RemoveOptions, "remove_dropout", **options)
-    drop = [c.node for c in graph.walk(model) if _is_removable(c.operation, opts.all)]
-    if not drop:
+    calls = [c for c in graph.walk(model) if _is_removable(c.operation, opts.all)]
+    drop = [c.node for c in calls if not _inside(c.node)]
+    inside = [
+        (_holder(model, c.node.owner), c.node.owner, lambda then: then.layer)
+        for c in calls
+        if _inside(c.node) and isinstance(c.node.owner, Then) and c.node.owner.after is c.operation
+    ]
+    if not drop and not inside:
         raise ValueError(
             f"Model '{model.name}' has no "
             + ("Dropout-family layers" if opts.all else "dropout layers added by multidrop")
             + " to remove."
             + ("" if opts.all else " Pass all=True to remove every Dropout-family layer.")
         )
-    return rebuild(model, drop=drop, clone=_cloner(opts.share_weights))
+    return edit(model, drop=drop, inside=inside, clone=_cloner(opts.share_weights))
 
 
 @signature_of(SetOptions, "model")
@@ -124,9 +136,21 @@ def set_dropout(model, rate, where=None, **options) -> keras.Model:
     new = the_plan.by_layer()
     by_name = {c.layer.name: new[id(c.layer)] for c in the_plan}
     base = _cloner(opts.share_weights)
+    inner = {id(c.layer): c for c in the_plan if _inside(c.node)}
+    inside = [
+        (c.node.owner, c.layer, lambda _, c=c: surgery.clone(c.layer, new[id(c.layer)]))
+        for c in inner.values()
+    ]
+    if not graph.is_graph_model(model):
+        top = new.get(id(model))  # a model's own field drives its sublayers (see fields)
+        return edit(model, inside=inside) if top is None else surgery.clone(model, top)
 
     def clone(op):
-        inside = {c.layer.name for c in the_plan if c.layer is not op and _within(c, op, model)}
+        inside = {
+            c.layer.name
+            for c in the_plan
+            if c.layer is not op and not _inside(c.node) and _within(c, op, model)
+        }
         if not inside:
             return clone_with_config(op, new[id(op)]) if id(op) in new else base(op)
         # A model cloned whole keeps its class when its config holds the layers changed
@@ -136,7 +160,20 @@ def set_dropout(model, rate, where=None, **options) -> keras.Model:
             return None
         return clone_with_config(op, {**config, **new.get(id(op), {})})
 
-    return rebuild(model, clone=clone)
+    return edit(model, inside=inside, clone=clone)
+
+
+def _inside(node) -> bool:
+    """A call inside a ``call()``: edited by surgery, not by the graph rebuild."""
+    return isinstance(node, probe.ProbeNode)
+
+
+def _holder(model, layer):
+    """The layer in ``model`` that holds ``layer`` as an attribute or in a container."""
+    for candidate in _keras.all_layers(model):
+        if any(child is layer for _, child in _keras.children(candidate)):
+            return candidate
+    raise ValueError(f"no layer of '{model.name}' holds '{layer.name}'")
 
 
 def _within(change, op, top) -> bool:

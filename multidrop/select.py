@@ -215,8 +215,10 @@ def residual_branches() -> Selector:
 
     The branch is the input with the longer path from the model's inputs; the shortcut
     is the other one, an identity or a short projection (ResNet's 1x1 conv + BN). On a
-    tie the second input is the branch (``x + f(x)``). Residuals that are not graph
-    nodes (inside a keras-hub ``TransformerEncoder``'s ``call()``) cannot be reached.
+    tie the second input is the branch (``x + f(x)``). Inside a ``call()`` (a custom
+    block, a subclassed model, a keras-hub ``TransformerEncoder``) the probe finds the
+    sublayer whose output is added to an earlier tensor (``x = x + self.dropout(h)``):
+    see `multidrop.probe`.
 
     Example:
         >>> multidrop.insert_dropout(resnet, multidrop.linear(0.1),
@@ -241,7 +243,7 @@ def _branch_mask(calls: list[Call]) -> list[bool]:
         branch = known[0] if levels[0] > levels[1] else known[1]
         if branch is not None:
             branches.add(id(branch))
-    return [id(c) in branches for c in calls]
+    return [id(c) in branches or getattr(c.node, "branch_end", False) for c in calls]
 
 
 def _is_add(op) -> bool:

@@ -185,7 +185,7 @@ def compare_models(original, rewired, x, atol, rtol) -> tuple[Report, dict]:
 def outputs(model, x) -> dict[str, np.ndarray]:
     """``model(x, training=False)`` as numpy arrays, keyed by output name."""
     result = keras.tree.flatten_with_path(model(x, training=False))
-    names = list(graph.graph_of(model).output_names)
+    names = list(graph.graph_of(model).output_names) if graph.is_graph_model(model) else []
     return {
         _output_name(path, names, i): keras.ops.convert_to_numpy(value)
         for i, (path, value) in enumerate(result)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from multidrop import graph
+from multidrop import graph, probe
 
 SMALL_INT_RANGE = 10  # integer inputs that feed no Embedding are drawn from [0, 10)
 
@@ -28,8 +28,11 @@ def sample_inputs(model: keras.Model, *, batch_size: int = 2, seed: int = 0):
     Embedding they feed (through reshapes and nested models), else from
     ``[0, 10)``; booleans are fair coins; unknown dimensions are 8.
 
+    A subclassed model has no input specs: its inputs are those multidrop reads its
+    ``call()`` with (see `multidrop.probe.default_sample`).
+
     Args:
-        model: a built Functional or Sequential model.
+        model: a built Keras model.
         batch_size: the size of the batch.
         seed: the seed of the generator; the same seed gives the same inputs.
 
@@ -40,6 +43,8 @@ def sample_inputs(model: keras.Model, *, batch_size: int = 2, seed: int = 0):
         >>> x = sample_inputs(model)   # {"image": float32 (2, 16, 16, 3), "tokens": int32 (2, 8)}
     """
     graph.check_model(model)
+    if not graph.is_graph_model(model):
+        return probe.sample_of(model)
     rng = np.random.default_rng(seed)
     arrays = []
     for tensor in graph.graph_of(model).inputs:
