@@ -232,6 +232,11 @@ def cmd_search(args) -> int:
         raise UsageError("search needs optuna: pip install 'multidrop[search]'")
     from multidrop.search import search
 
+    if args.status:
+        return search_status(args.status, args.study)
+    if not (args.model and args.train and args.validation):
+        raise UsageError("search needs MODEL --train T.npz --validation V.npz, or --status URL")
+
     try:
         rates = [float(rate) for rate in args.rates.split(",")]
     except ValueError:
@@ -255,6 +260,9 @@ def cmd_search(args) -> int:
         directory=args.directory,
         strategy=args.strategy,
         n_trials=args.trials,
+        storage=args.storage,
+        workers=args.workers,
+        study=args.study,
         verbose=True,
     )
     print(result)
@@ -263,6 +271,27 @@ def cmd_search(args) -> int:
             f"wrote best.keras and heatmap.png to {args.directory}; "
             "its search.db resumes the search"
         )
+    return 0
+
+
+def search_status(url: str, study: str) -> int:
+    """Print the study's progress; live, every 2 s until it is complete, on a terminal."""
+    import time
+
+    import rich.live
+
+    from multidrop.search_workers import status
+
+    console = rich.console.Console()
+    table, finished = status(url, study)
+    if not console.is_terminal:
+        console.print(table, soft_wrap=True)
+        return 0
+    with rich.live.Live(table, console=console, auto_refresh=False) as live:
+        while not finished:
+            time.sleep(2)
+            table, finished = status(url, study)
+            live.update(table, refresh=True)
     return 0
 
 
@@ -373,9 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser(
         "search", help="fine-tune with dropout at each placement and rate; find the best"
     )
-    search.add_argument("model", help="a .keras file")
+    search.add_argument("model", nargs="?", help="a .keras file")
     for name, what in (("--train", "fine-tune on"), ("--validation", "score on")):
-        search.add_argument(name, required=True, help=f".npz file of arrays x and y to {what}")
+        search.add_argument(name, help=f".npz file of arrays x and y to {what} (required)")
     search.add_argument(
         "--where",
         action="append",
@@ -398,6 +427,17 @@ def build_parser() -> argparse.ArgumentParser:
         "-d",
         "--directory",
         help="folder for the study, best.keras, heatmap.png; run again to resume",
+    )
+    search.add_argument(
+        "--storage",
+        metavar="URL",
+        help="a database shared by every worker and machine, e.g. "
+        "postgresql+psycopg://user:password@host/db (default: search.db in --directory)",
+    )
+    search.add_argument("--workers", type=int, default=1, help="processes on this machine (1)")
+    search.add_argument("--study", default="multidrop-search", help="the study's name in URL")
+    search.add_argument(
+        "--status", metavar="URL", help="show the progress of the study at URL and exit"
     )
     search.set_defaults(run=cmd_search)
     return parser

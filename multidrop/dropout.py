@@ -1,41 +1,48 @@
-"""Keras' Dropout with a counter-based hash mask: the same masks on every backend, cheap everywhere.
+"""Keras' Dropout with a counter-based mask: the same masks on every backend, cheap everywhere.
 
 `Dropout` is what ``kind="dropout"`` inserts. It *is* a ``keras.layers.Dropout``
 (same arguments, config, variables and inference behaviour) and it is saved as
 one, so a rewired model still loads with plain Keras; only its training-mode
-mask is computed differently: from a hash of (seed, call count, element index).
+mask is computed differently: by Threefry-2x32 from (seed, call count, element index).
 
 Example:
     >>> Dropout(0.2, seed=7)(x, training=True)   # the same masks on every run and backend
 
-How the mask is drawn. Element ``j`` of a call (row-major order over the
-input's shape, or over ``noise_shape`` and then broadcast) reads the 16-bit half
-``j % 2`` of ``lowbias32(j // 2 ^ k0, key k1 ^ k0)`` (C. Wellons' integer hash, a
-key xor-ed between its rounds), where ``k0, k1 = lowbias32([seed, count] ^ salt)``;
-it is kept when that half, its top bit flipped, is at least
-``round(rate * 65536)``, and scaled by ``1 / (1 - rate)`` (rounded to float32,
-then to the input's dtype). This is pure int32 arithmetic, so every backend
-computes the same bits. (Outputs agree bitwise too; a whole training step only
-within float tolerance, since each backend sums its matrix products in its own
-order.)
+How the mask is drawn. Call ``count`` of a layer seeded ``seed`` encrypts the
+counter ``(j // 2, 0)`` with Threefry-2x32 (20 rounds: Salmon et al., "Parallel
+random numbers: as easy as 1, 2, 3", 2011; the generator behind ``jax.random``)
+under the key ``(seed, count)``; element ``j`` (row-major order over the input's
+shape, or over ``noise_shape`` and then broadcast) reads word ``j % 2`` of the
+result, a uniform 32-bit integer. It is kept when that word, read as a signed
+int32, is at least ``cutoff - 2**31`` with ``cutoff = round(rate * 2**32)``, and
+scaled by ``2**32 / (2**32 - cutoff)``: one over the keep probability the
+threshold realises, so the output's expectation is the input at every rate
+(rounded to float32, then to the input's dtype). This is pure int32 addition,
+xor and shifts, so every backend computes the same bits. (Outputs agree bitwise
+too; a whole training step only within float tolerance, since each backend sums
+its matrix products in its own order.) Masks differ from multidrop 0.1's
+(a counter hash with 16-bit thresholds).
 
 On PyTorch the layer runs a `torch.autograd.Function` that keeps no mask for
 backward: it saves its call's ``[seed, count]`` (8 bytes) and draws the mask
-again. Its hash, threshold and multiply are one ``torch.compile``-d function (one
-vectorised loop on CPU, one Triton kernel on a GPU), called from eager code and
-compiled on the first training call in a process (seconds; Inductor caches it on
-disk for the next process); where compiling fails it warns once and runs the
-same mask as a few int32 tensor ops. Under ``jit_compile=True`` the function is
-traced into the model's graph instead. On JAX and TensorFlow the mask is a few
-``keras.ops`` integer ops in one XLA-compiled function (``jax.jit``,
-``tf.function(jit_compile=True)``), fused with the multiply even outside a compiled
-train step; there autodiff keeps what XLA decides (no mask-free backward).
+again. Its cipher, threshold and multiply are one ``torch.compile``-d function (one
+vectorised loop on CPU, one Triton kernel on a GPU), called from eager code. A
+process does not wait for the compiler: the kernel is compiled in a background
+thread on the first training call, and until it is ready (seconds; Inductor
+caches it on disk for the next process), or where compiling fails (it then
+warns once), the same mask runs as int32 tensor ops. Under ``jit_compile=True``
+the function is traced into the model's graph instead. On JAX and TensorFlow
+the mask is a few ``keras.ops`` integer ops in one XLA-compiled function
+(``jax.jit``, ``tf.function(jit_compile=True)``), fused with the multiply even
+outside a compiled train step; there autodiff keeps what XLA decides (no
+mask-free backward).
 """
 
 from __future__ import annotations
 
 import math
 import operator
+import threading
 import warnings
 
 import keras
@@ -47,28 +54,49 @@ BACKEND = keras.backend.backend()
 if BACKEND == "torch":
     import torch
 
-# lowbias32's multipliers as int32, and the salt that keeps the keys of small seeds apart
-_M1, _M2 = 0x7FEB352D, 0x846CA68B - (1 << 32)
-_SALT = 0x2545F491
+# Threefry-2x32's rotations and key-schedule parity constant (Random123, jax.random)
+_ROTATIONS = (13, 15, 26, 6, 17, 29, 16, 24)
+_PARITY = 0x1BD11BDA
 
 
-def _mix(h, key=0, shr=operator.rshift):
-    """lowbias32 on an int32 tensor (torch, jax, tensorflow or numpy), ``key`` xor-ed
-    between its two rounds; ``shr`` is the backend's arithmetic right shift."""
-    h = (h ^ shr(h, 16) & 0xFFFF) * _M1 ^ key
-    h = (h ^ shr(h, 15) & 0x1FFFF) * _M2
-    return h ^ shr(h, 16) & 0xFFFF
+def threefry(x0, x1, k0, k1, shl=operator.lshift, shr=operator.rshift):
+    """Threefry-2x32 (20 rounds) of the counter ``(x0, x1)`` under the key ``(k0, k1)``.
+
+    Works on int32 tensors of any backend, or numpy, with wrap-around addition:
+    ``shl``/``shr`` are the backend's left and (arithmetic) right shifts; a
+    rotation masks the arithmetic shift into a logical one. Bitwise the same as
+    ``jax.random``'s ``threefry_2x32`` on the same words read as uint32.
+
+    Example:
+        >>> threefry(np.int32(0), np.int32(0), np.int32(0), np.int32(0))  # (0x6B200159, 0x99BA4EFE)
+    """
+    keys = (k0, k1, k0 ^ k1 ^ _PARITY)
+    x0, x1 = x0 + keys[0], x1 + keys[1]
+    for i in range(20):
+        r = _ROTATIONS[i % 8]
+        x0 = x0 + x1
+        x1 = (shl(x1, r) | shr(x1, 32 - r) & ((1 << r) - 1)) ^ x0
+        if i % 4 == 3:  # key injection s
+            s = i // 4 + 1
+            x0, x1 = x0 + keys[s % 3], x1 + keys[(s + 1) % 3] + s
+    return x0, x1
 
 
-def _keep(pair, odd, keys, cutoff, shr=operator.rshift):
-    """True where an element is kept; element ``j`` has ``pair = j // 2`` and ``odd = j % 2``
-    (int32), ``keys`` are ``_mix([seed, count] ^ _SALT)`` and ``cutoff = round(rate * 65536)``."""
-    h = _mix(pair ^ keys[0], keys[1] ^ keys[0], shr)
-    return ((shr(h, odd * 16) & 0xFFFF) ^ 0x8000) >= cutoff
+def threshold(rate: float) -> tuple[int, float]:
+    """``(t, scale)``: a uniform int32 word ``w`` keeps its element when ``w >= t``, with
+    probability ``p = 1 - round(rate * 2**32) / 2**32``, and ``scale = 1 / p``, so that
+    the output's expectation is the input (to float32 rounding) at every rate in (0, 1).
+
+    Example:
+        >>> threshold(0.5)
+        (0, 2.0)
+    """
+    cutoff = min(round(rate * 2**32), 2**32 - 1)
+    return cutoff - 2**31, 2**32 / (2**32 - cutoff)
 
 
 class Dropout(keras.layers.Dropout):
-    """``keras.layers.Dropout`` with a counter-based hash mask, identical on every backend.
+    """``keras.layers.Dropout`` with a counter-based mask, identical on every backend.
 
     The mask is a function of (seed, call count, element index, rate): a given
     seed gives the same masks eager or compiled, run after run, on PyTorch, JAX
@@ -78,9 +106,11 @@ class Dropout(keras.layers.Dropout):
     carries any non-trainable state. An unseeded layer (``seed=None``) draws its
     seed once, at construction, from Python's ``random`` (as Keras'
     ``SeedGenerator`` does), so ``keras.utils.set_random_seed`` makes it
-    reproducible too. The rate is resolved to a multiple of 1/65536. Under
-    DistributedDataParallel or several JAX processes each process folds its rank
-    into the seed (`multidrop.distributed`), so replicas draw different masks.
+    reproducible too. The rate is resolved to a multiple of 2**-32 and the kept
+    elements are scaled by one over the resolved keep probability: unbiased at
+    every rate. Under DistributedDataParallel or several JAX processes each
+    process folds its rank into the seed (`multidrop.distributed`), so replicas
+    draw different masks.
 
     On PyTorch nothing of size of the input is kept for backward (the mask is
     drawn again), and the mask and multiply are one fused kernel. It is saved as
@@ -103,7 +133,7 @@ class Dropout(keras.layers.Dropout):
         state = self.seed_generator.state
         value = distributed.fold(state.value)  # each process its own masks (rank 0: as is)
         if self.noise_shape is None:
-            outputs, after = _HashDropout.apply(inputs, value, self.rate)
+            outputs, after = _MaskedMultiply.apply(inputs, value, self.rate)
         else:  # a small mask, broadcast: autograd keeps only it
             shape = [d if n is None else n for d, n in zip(inputs.shape, self.noise_shape)]
             ones = torch.ones(math.prod(shape), dtype=inputs.dtype, device=inputs.device)
@@ -122,48 +152,68 @@ def _portable(layer: Dropout, inputs):
     ops = keras.ops
     state = ops.cast(layer.seed_generator.next(), "int32")  # [seed, count]; count + 1
     state = distributed.fold(state)  # each process its own masks (rank 0: as is)
+    t, scale = threshold(layer.rate)
+    t, scale = np.int32(t), np.float32(scale)
     if layer.noise_shape is None:
-        return _fused()(inputs, state, layer.rate)
+        return _fused()(inputs, state, t, scale)
     shape = [d if n is None else n for d, n in zip(ops.shape(inputs), layer.noise_shape)]
-    index = ops.reshape(ops.arange(math.prod(shape), dtype="int32"), shape)
-    return inputs * _mask(index, state, layer.rate, inputs.dtype)  # small, broadcast
+    ones = ops.ones((math.prod(shape),), inputs.dtype)
+    return inputs * ops.reshape(_masked(ones, state, t, scale), shape)  # small, broadcast
 
 
-def _mask(index, state, rate: float, dtype):
-    """In ``keras.ops``: the mask (0 or the scale) of elements ``index`` (int32) in the call
-    ``state = [seed, count]``."""
+def _masked(x, state, t, scale):
+    """In ``keras.ops``: ``x * mask`` for the call ``state = [seed, count]``, any shape; one
+    Threefry block gives two elements their words."""
     ops = keras.ops
-    keys = _mix(state ^ _SALT, shr=ops.right_shift)
-    keep = _keep(ops.right_shift(index, 1), index & 1, keys, round(rate * 65536), ops.right_shift)
-    return ops.cast(ops.cast(keep, "float32") * np.float32(1 / (1 - rate)), dtype)
-
-
-def _masked(x, state, rate: float):
     if BACKEND == "tensorflow":  # any shape, known or not
         import tensorflow as tf
 
-        index = tf.reshape(tf.range(tf.size(x)), tf.shape(x))
+        shape, size = tf.shape(x), tf.size(x)
+        flat = tf.pad(tf.reshape(x, [-1]), [[0, size % 2]])
     else:
-        index = keras.ops.reshape(keras.ops.arange(x.size, dtype="int32"), x.shape)
-    return x * _mask(index, state, rate, x.dtype)
+        shape, size = x.shape, math.prod(x.shape)
+        flat = ops.pad(ops.reshape(x, [-1]), [[0, size % 2]])
+    pairs = ops.reshape(flat, [-1, 2])
+    index = ops.arange(ops.shape(pairs)[0], dtype="int32")
+    words = threefry(index, 0, state[0], state[1], ops.left_shift, ops.right_shift)
+    scale = ops.cast(scale, x.dtype)
+    zero = ops.zeros((), x.dtype)
+    masked = [pairs[:, i] * ops.where(w >= t, scale, zero) for i, w in enumerate(words)]
+    return ops.reshape(ops.reshape(ops.stack(masked, axis=1), [-1])[:size], shape)
 
 
 _FUSED: list = []
 
 
 def _fused():
-    """`_masked` compiled by XLA, so that the hash, threshold and multiply fuse even outside
+    """`_masked` compiled by XLA, so that the cipher, threshold and multiply fuse even outside
     a compiled train step (``jax.jit``; ``tf.function(jit_compile=True)``, which TensorFlow
-    runs through XLA inside a plain ``tf.function`` too); inlined inside a compiled one."""
+    runs through XLA inside a plain ``tf.function`` too); inlined inside a compiled one.
+    TensorFlow traces it once per dtype (any shape: XLA compiles each shape it meets)."""
     if not _FUSED:
         if BACKEND == "jax":
             import jax
 
-            _FUSED.append(jax.jit(_masked, static_argnums=2))
+            _FUSED.append(jax.jit(_masked))
         else:
             import tensorflow as tf
 
-            _FUSED.append(tf.function(_masked, jit_compile=True, reduce_retracing=True))
+            functions = {}
+
+            def per_dtype(x, state, t, scale):
+                if x.dtype not in functions:
+                    spec = [
+                        tf.TensorSpec(None, x.dtype),
+                        tf.TensorSpec([2], tf.int32),
+                        tf.TensorSpec([], tf.int32),
+                        tf.TensorSpec([], tf.float32),
+                    ]
+                    functions[x.dtype] = tf.function(
+                        _masked, jit_compile=True, input_signature=spec
+                    )
+                return functions[x.dtype](x, state, t, scale)
+
+            _FUSED.append(per_dtype)
     return _FUSED[0]
 
 
@@ -174,39 +224,31 @@ _SMALL = 1 << 15  # elements: below this, one thread (as PyTorch's own grain siz
 
 
 def _constants(rate: float, x) -> tuple:
-    """``(cutoff, scale)`` for ``x``: ``round(rate * 65536)``, and ``1 / (1 - rate)`` rounded
-    to float32 then to ``x``'s dtype, a 0-d tensor (cached; a tensor, not a float, so that a
-    new rate does not compile the kernel again)."""
+    """``(t, scale)`` of `threshold` for ``x``: ``scale`` rounded to float32 then to ``x``'s
+    dtype, a 0-d tensor (cached; a tensor, not a float, so that a new rate does not compile
+    the kernel again)."""
+    t, value = threshold(rate)
     key = (rate, x.dtype, x.device)
     scale = _SCALES.get(key)
     if scale is None:
-        scale = torch.tensor(1 / (1 - rate), dtype=torch.float32, device=x.device).to(x.dtype)
+        scale = torch.tensor(value, dtype=torch.float32, device=x.device).to(x.dtype)
         if not torch.compiler.is_compiling():
             _SCALES[key] = scale
-    return round(rate * 65536), scale
+    return t, scale
 
 
-def _kernel(x, state, cutoff: int, scale):
+def _kernel(x, state, t: int, scale):
     """``(x * mask, state + [0, 1], a copy of state)`` for a flat ``x`` and the call
-    ``state = [seed, count]``: the hash, the threshold and the multiply in one pass."""
-    keys = _mix(state ^ _SALT)
-    index = torch.arange(x.numel(), device=x.device)
-    keep = _keep((index >> 1).to(torch.int32), (index & 1).to(torch.int32), keys, cutoff)
-    step = torch.tensor([0, 1], dtype=state.dtype, device=state.device)
-    return x * torch.where(keep, scale, 0), state + step, state.clone()
-
-
-def _kernel_eager(x, state, cutoff: int, scale):
-    """`_kernel` in a few full-size int32 passes, for where ``torch.compile`` fails: one
-    hash gives two 16-bit draws, and a clamp rather than a comparison thresholds them
-    (bool tensors take slow paths on CPU)."""
-    keys = _mix(state ^ _SALT)
+    ``state = [seed, count]``: the cipher, the threshold and the multiply in one pass, one
+    Threefry block per two elements."""
     size = x.numel()
-    pair = torch.arange((size + 1) // 2, dtype=torch.int32, device=x.device)
-    draws = _mix(pair ^ keys[0], keys[1] ^ keys[0]).view(torch.int16)[:size]
-    keep = (draws.to(torch.float32) - (cutoff - 0x8000 - 1)).clamp_(0, 1)
-    step = torch.arange(2, dtype=state.dtype, device=state.device)  # [0, 1]
-    return x * keep.mul_(scale.to(torch.float32)).to(x.dtype), state + step, state.clone()
+    pairs = torch.nn.functional.pad(x, (0, size % 2)).view(-1, 2)
+    index = torch.arange(pairs.shape[0], dtype=torch.int32, device=x.device)
+    words = threefry(index, 0, state[0], state[1])
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    masked = [pairs[:, i] * torch.where(w >= t, scale, zero) for i, w in enumerate(words)]
+    step = torch.tensor([0, 1], dtype=state.dtype, device=state.device)
+    return torch.stack(masked, 1).view(-1)[:size], state + step, state.clone()
 
 
 def _one_thread(*args):  # two code objects, so that torch.compile keeps two kernels
@@ -220,41 +262,71 @@ def _threads(*args):
 _COMPILED: dict = {}
 
 
-def _run(x, state, cutoff: int, scale):
-    """`_kernel`: traced into the graph under torch.compile; else compiled once (one kernel
-    for small ``x`` on one thread, one for large ``x`` on all of PyTorch's threads)."""
+def _run(x, state, t: int, scale):
+    """`_kernel`: traced into the graph under torch.compile; else compiled once per dtype and
+    device (one kernel for small ``x`` on one thread, one for large ``x`` on all of
+    PyTorch's threads), and run eagerly until it is."""
     if torch.compiler.is_compiling():
-        return _kernel(x, _snapshot(state), cutoff, scale)
+        return _kernel(x, _snapshot(state), t, scale)
     small = x.numel() < _SMALL and x.device.type == "cpu"
-    kernel = _COMPILED.get(small)
+    key = (small, x.dtype, x.device)
+    kernel = _COMPILED.get(key)
     if kernel is None:
-        options = {"cpp.threads": 1} if small else {}
-        function = _one_thread if small else _threads
-        kernel = _COMPILED[small] = _Fallback(
-            torch.compile(function, dynamic=True, options=options)
-        )
-    return kernel(x, state, cutoff, scale)
+        kernel = _COMPILED[key] = _Background(_one_thread if small else _threads, small)
+    return kernel(x, state, t, scale)
 
 
-class _Fallback:
-    """Call a compiled `_kernel`; should compiling it fail, warn once and run `_kernel_eager`."""
+class _Background:
+    """`_kernel` compiled in a background thread, started by the first call; until it is
+    ready, and for good should compiling fail (then it warns once), `_kernel` runs as eager
+    tensor ops, drawing the same masks. `wait` joins the compiling thread."""
 
-    def __init__(self, compiled):
-        self.compiled = compiled
+    def __init__(self, function, small: bool):
+        self.function, self.small = function, small
+        self.compiled = self.thread = self.error = None
 
-    def __call__(self, *args):
+    def __call__(self, x, state, t, scale):
         if self.compiled is not None:
-            try:
-                return self.compiled(*args)
-            except Exception as error:  # no C++ compiler, no Triton, an unsupported device...
-                self.compiled = None
-                warnings.warn(
-                    f"multidrop: torch.compile of the dropout kernel failed ({error!r:.300}); "
-                    "running it as slower eager tensor ops.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        return _kernel_eager(*args)
+            return self.compiled(x, state, t, scale)
+        if self.thread is None:
+            sample = (torch.zeros(64, dtype=x.dtype, device=x.device), state.clone(), t, scale)
+            self.thread = threading.Thread(target=self._compile, args=sample, daemon=True)
+            self.thread.start()
+        elif self.error is not None:
+            error, self.error = self.error, False
+            warnings.warn(
+                f"multidrop: torch.compile of the dropout kernel failed ({error!r:.300}); "
+                "running it as slower eager tensor ops.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return _kernel(x, state, t, scale)
+
+    def _compile(self, *sample):
+        options = {"cpp.threads": 1} if self.small else {}
+        compiled = torch.compile(self.function, dynamic=True, options=options)
+        try:
+            for size in (64, 63):  # even and odd sizes take different guards
+                compiled(sample[0][:size], *sample[1:])
+        except Exception as error:  # no C++ compiler, no Triton, an unsupported device...
+            self.error = error
+        else:
+            self.compiled = compiled
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+
+
+def wait_compiled() -> None:
+    """Block until every PyTorch dropout kernel being compiled in the background is ready
+    (benchmarks and tests time the compiled kernel; training never needs to wait).
+
+    Example:
+        >>> layer(x, training=True); wait_compiled()   # the next call runs compiled
+    """
+    for kernel in list(_COMPILED.values()):
+        kernel.wait()
 
 
 if BACKEND == "torch":
@@ -272,7 +344,7 @@ if BACKEND == "torch":
     def _(state):
         return torch.empty_like(state)
 
-    class _HashDropout(torch.autograd.Function):
+    class _MaskedMultiply(torch.autograd.Function):
         """``x * mask`` that keeps only its call's [seed, count] for backward, not the mask."""
 
         @staticmethod

@@ -27,10 +27,10 @@ import keras
 import numpy as np
 from keras import tree
 
-from multidrop import _keras, fields, graph, kinds
+from multidrop import _keras, fields, graph, kinds, probe
 from multidrop.layers import MonteCarlo
 from multidrop.options import check_int
-from multidrop.rebuild import clone_operation, rebuild
+from multidrop.rebuild import clone_operation, edit
 
 MEMORY_BUDGET = 256 * 2**20  # bytes of activations one model call may hold (estimated)
 _VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -171,7 +171,14 @@ def _mc_view(model, consistent: bool = False) -> _View:
     views = _VIEWS.setdefault(model, {})
     if consistent not in views:
         dropouts: list[keras.layers.Layer] = []  # the view's own, in graph order
-        view = rebuild(model, clone=lambda op: _always_on(op, dropouts, consistent))
+        inside = [  # dropout inside a call(): replaced in a copy of the layer around it
+            (c.node.owner, c.operation, lambda _, c=c: _always_on(c, dropouts, consistent))
+            for c in graph.walk(model)
+            if isinstance(c.node, probe.ProbeNode)
+            and not probe.is_structure(c.operation)
+            and _sampled(c.operation)
+        ]
+        view = edit(model, inside=inside, clone=lambda op: _always_on(op, dropouts, consistent))
         if not any(isinstance(layer, MonteCarlo) for layer in _keras.all_layers(view)):
             raise ValueError(
                 f"Model '{model.name}' has no dropout layers in its graph, so every Monte "
@@ -183,7 +190,11 @@ def _mc_view(model, consistent: bool = False) -> _View:
 
 
 def _split(view) -> tuple:
-    """``(trunk, head)``: the view cut where dropout begins (see `_View`)."""
+    """``(trunk, head)``: the view cut where dropout begins (see `_View`). A subclassed
+    model is not cut: the probe sees the order of its calls, not which tensors each
+    later call reads, so it cannot prove what precedes every dropout."""
+    if not graph.is_graph_model(view):
+        return None, None
     whole = graph.graph_of(view)
     if not isinstance(whole, _keras.Functional):
         return None, None
@@ -208,21 +219,31 @@ def _split(view) -> tuple:
     return keras.Model(inputs, cut), keras.Model(cut, outputs)
 
 
-def _always_on(op, dropouts: list, consistent: bool):
-    """How the MC view calls ``op``: a fresh always-on copy of a dropout layer, or of
-    a layer whose own dropout is set (``MultiHeadAttention(dropout=0.1)``, an LSTM's,
-    a keras-hub block's) unless it holds a BatchNormalization; None for a graph model
-    (rebuilt, to reach the dropout inside); every other operation itself, shared.
+def _sampled(op) -> bool:
+    """True for what the MC view samples: a dropout layer, or a layer whose own dropout
+    is set (``MultiHeadAttention(dropout=0.1)``, an LSTM's, a keras-hub block's) and
+    that holds no BatchNormalization."""
+    inner = op.layer if isinstance(op, MonteCarlo) else op
+    return isinstance(inner, kinds.DROPOUT_LAYERS) or _has_own_dropout(op)
+
+
+def _always_on(op_or_call, dropouts: list, consistent: bool):
+    """How the MC view calls an operation (or the layer of a call inside a ``call()``):
+    a fresh always-on copy of what `_sampled` picks; None for a graph model (rebuilt,
+    to reach the dropout inside); every other operation itself, shared.
 
     The copies have their own RNG state, recorded in ``dropouts`` for reseeding, so
     sampling never writes ``model``'s."""
+    call = op_or_call if isinstance(op_or_call, graph.Call) else None
+    op = op_or_call if call is None else call.operation
     if graph.is_graph_model(op):
         return None
     inner = op.layer if isinstance(op, MonteCarlo) else op
     if isinstance(inner, kinds.DROPOUT_LAYERS):
         config = {**inner.get_config(), "seed": 0, "name": f"{inner.name}_mc"}
         if consistent:
-            config["noise_shape"] = _shared_across_batch(inner, op)
+            rank = len(call.outputs[0].shape) if call else _keras.output_rank(op)
+            config["noise_shape"] = _shared_across_batch(inner, op, rank)
         fresh = inner.__class__.from_config(config)
     elif _has_own_dropout(op):
         if consistent:
@@ -255,14 +276,14 @@ def _has_own_dropout(op) -> bool:
     )
 
 
-def _shared_across_batch(inner, op) -> tuple:
+def _shared_across_batch(inner, op, rank: int) -> tuple:
     """A noise_shape with 1 on the batch axis: one mask for every input of a call."""
     if "noise_shape" not in inner.get_config():
         raise ValueError(
             f"consistent=True cannot share the masks of {type(inner).__name__} '{op.name}' "
             "across inputs; use kind='dropout' for the layers you sample, or consistent=False."
         )
-    shape = inner.noise_shape or (None,) * _keras.output_rank(op)
+    shape = inner.noise_shape or (None,) * rank
     return (1, *shape[1:])
 
 

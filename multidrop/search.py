@@ -38,23 +38,27 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import hashlib
 import io
 import json
 import math
 import numbers
 import os
 import pathlib
+import tempfile
 import time
 import tokenize
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 
 import keras
 import numpy as np
 
 import multidrop
-from multidrop import render, select
+from multidrop import render, search_workers, select
 from multidrop.kinds import check_kind, check_rate_value
 from multidrop.options import check_int
 
@@ -83,6 +87,9 @@ def search(
     directory: str | os.PathLike | None = None,
     strategy: str = "grid",
     n_trials: int | None = None,
+    storage: str | None = None,
+    workers: int = 1,
+    study: str = STUDY_NAME,
     verbose: bool = False,
 ) -> SearchResult:
     """Fine-tune ``model`` with dropout at each placement and rate; find the best on validation.
@@ -115,6 +122,19 @@ def search(
             (Optuna's TPE) for ``n_trials`` proposals.
         n_trials: trials for ``random`` and ``bayes`` (default: the grid's size);
             a pair proposed again is read back, not retrained.
+        storage: a database URL for the Optuna study, e.g.
+            ``"postgresql+psycopg://user:password@host/db"``, shared by every worker
+            and every machine that makes the same call on it (each (placement, rate,
+            seed) is trained once among them; the result is the one a single process
+            gives). None: ``search.db`` in ``directory`` (or a temporary file).
+        workers: processes that train on this machine. With ``workers=1`` and no
+            ``storage`` the trainings run in this process; otherwise in worker
+            processes that take queued trials from the study, are replaced when
+            killed (their trial is queued again) or when their memory has grown, and
+            need ``(x, y)`` arrays, ``strategy="grid"`` and placements written with
+            ``select``, layer names or ``"activations"``.
+        study: the study's name in ``storage``: searches with other names on one
+            storage are kept apart; one name with other settings or data is refused.
         verbose: print one line per training.
 
     Returns:
@@ -149,14 +169,26 @@ def search(
         verbose,
     )
     run.check(strategy, n_trials, directory)
-    run.preflight()
+    apart = run.check_workers(workers, storage, study, strategy)
     folder = None if directory is None else pathlib.Path(directory)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = run.study(optuna, strategy, folder)
-        run.optimize(study, strategy, n_trials)
-        return run.result(study, folder)
+        with contextlib.ExitStack() as stack:
+            if apart and storage is None:
+                where = folder or pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                where.mkdir(parents=True, exist_ok=True)
+                storage = f"sqlite:///{(where / DATABASE).resolve()}"
+            store = None if storage is None else search_workers.storage(storage)
+            if store is not None:
+                stack.callback(store.engine.dispose)  # closes the pool's connections
+            run.preflight()
+            found = run.study(optuna, strategy, folder, store, study)
+            if apart:
+                run.in_workers(found, storage, workers, stack)
+            else:
+                run.optimize(found, strategy, n_trials)
+            return run.result(found, folder)
     finally:
         optuna.logging.set_verbosity(verbosity)
 
@@ -292,6 +324,9 @@ class _Search:
     sites: dict = dataclasses.field(default_factory=dict)
     done: dict = dataclasses.field(default_factory=dict)  # (placement, rate, seed) -> scores
     trained: int = 0
+    shared: Callable | None = None  # in a worker: wait for the same model, read finished seeds
+    note: str = ""  # added to verbose lines
+    call: str = ""  # the search call that trains, in worker processes
 
     def check(self, strategy, n_trials, directory) -> None:
         check_kind(self.kind)
@@ -311,6 +346,70 @@ class _Search:
             raise TypeError(f"directory must be a path or None, got {directory!r}.")
         for name, spec in self.where.items():
             self.sites[name] = len(multidrop.plan(self.model, 0.5, where=spec, kind=self.kind))
+
+    def check_workers(self, workers, storage, study, strategy) -> bool:
+        """Whether the trainings run in worker processes; refuses what they cannot take."""
+        check_int(workers, "workers", minimum=1)
+        if not isinstance(study, str) or not study:
+            raise ValueError(f"study must be a non-empty name, got {study!r}.")
+        if storage is not None and not isinstance(storage, str):
+            raise TypeError(f"storage must be a database URL string or None, got {storage!r}.")
+        if workers == 1 and storage is None:
+            return False
+        if strategy != "grid":
+            raise ValueError(
+                f"strategy={strategy!r} runs in one process; workers and storage share a "
+                "grid: use strategy='grid', or workers=1 without storage."
+            )
+        for name, data in (("train", self.train), ("validation", self.validation)):
+            if not isinstance(data, tuple):
+                raise TypeError(
+                    f"{name} is a {type(data).__name__}; worker processes need {name}=(x, y) "
+                    "arrays (or use workers=1 without storage)."
+                )
+        scope = {"select": select, "keras": keras, "multidrop": multidrop}
+        for name, spec in self.where.items():
+            names = [s.name for s in multidrop.plan(self.model, 0.5, where=spec, kind=self.kind)]
+            try:
+                again = eval(_code(spec), scope)
+                same = names == [s.name for s in multidrop.plan(self.model, 0.5, where=again)]
+            except Exception:
+                same = False
+            if not same:
+                raise ValueError(
+                    f"where[{name!r}] = {spec!r} cannot be sent to worker processes; write it "
+                    "with select (e.g. select.last(2)), layer names or 'activations'."
+                )
+        if _code(self.kind) != repr(self.kind) and not isinstance(self.kind, type):
+            raise ValueError(
+                f"kind={self.kind!r} cannot be sent to worker processes; pass its name."
+            )
+        return True
+
+    def in_workers(self, study, url: str, workers: int, stack) -> None:
+        """Queue the grid's missing points; train them in ``workers`` processes."""
+        grid = [(p, r) for p in self.where for r in self.rates]
+        search_workers.enqueue(study, grid)
+        self.call = uuid.uuid4().hex[:12]
+        if search_workers.missing(study, grid):
+            folder = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            job = search_workers.write_job(folder, self, url, study.study_name, self.call)
+            search_workers.start(job, workers, study, grid, self.verbose)
+        trials = study.get_trials(deepcopy=False)
+        self.read(trials)
+        self.trained = sum(
+            len(t.user_attrs.get(f"trained {self.call}", ()))
+            for t in trials
+            if t.state.name == "COMPLETE"
+        )
+
+    def read(self, trials) -> None:
+        """Every finished training recorded in ``trials`` (of any state) into ``done``."""
+        for trial in trials:
+            for name, scores in trial.user_attrs.items():
+                if name.startswith("seed ") and "placement" in trial.params:
+                    key = _key(trial.params["placement"], trial.params["rate"], int(name[5:]))
+                    self.done[key] = tuple(scores)
 
     def preflight(self) -> None:
         """Compile a copy and evaluate one batch: the loss, metrics, data and objective fit."""
@@ -341,7 +440,14 @@ class _Search:
     def settings(self) -> dict:
         """What a resumed search must share with the one it resumes."""
         return {
-            "model": f"{self.model.name} ({self.model.count_params()} weights)",
+            "model": f"{self.model.name} ({self.model.count_params()} weights, "
+            f"sha256 {_digest(self.model.get_weights())})",
+            "data": ", ".join(
+                f"{name} {_rows(data)} sha256 {_digest(keras.tree.flatten(data))}"
+                if isinstance(data, tuple)
+                else f"{name} {type(data).__name__}"
+                for name, data in (("train", self.train), ("validation", self.validation))
+            ),
             "where": {name: _code(spec) for name, spec in self.where.items()},
             "rates": list(self.rates),
             "kind": _code(self.kind),
@@ -351,20 +457,27 @@ class _Search:
             "batch_size": self.batch_size,
         }
 
-    def study(self, optuna, strategy: str, folder: pathlib.Path | None):
+    def study(
+        self, optuna, strategy: str, folder: pathlib.Path | None, store=None, name=STUDY_NAME
+    ):
         space = {"placement": list(self.where), "rate": list(self.rates)}
         sampler = {
             "grid": lambda: optuna.samplers.GridSampler(space, seed=0),
             "random": lambda: optuna.samplers.RandomSampler(seed=0),
             "bayes": lambda: optuna.samplers.TPESampler(seed=0),
         }[strategy]()
-        storage = None
-        if folder is not None:
+        storage, place = store, "this storage"
+        if store is not None:
+            place = f"storage={_shown(store)!r} (study {name!r})"
+        elif folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
-            storage = f"sqlite:///{(folder / DATABASE).resolve()}"
+            storage, place = (
+                f"sqlite:///{(folder / DATABASE).resolve()}",
+                f"directory={str(folder)!r}",
+            )
         study = optuna.create_study(
             storage=storage,
-            study_name=STUDY_NAME,
+            study_name=name,
             load_if_exists=True,
             sampler=sampler,
             direction="maximize" if self.maximize else "minimize",
@@ -380,15 +493,11 @@ class _Search:
                 if theirs.get(k) != mine[k]
             ]
             raise ValueError(
-                f"directory={str(folder)!r} holds a search with other settings "
-                f"({'; '.join(changed)}). Pass the same settings to resume it, or another "
-                "directory to start a new search."
+                f"{place} holds a search with other settings "
+                f"({'; '.join(changed)}). Pass the same settings and data to resume it, or "
+                "another directory or study name to start a new search."
             )
-        for trial in study.get_trials(deepcopy=False):
-            for name, scores in trial.user_attrs.items():
-                if name.startswith("seed "):
-                    key = _key(trial.params["placement"], trial.params["rate"], int(name[5:]))
-                    self.done[key] = tuple(scores)
+        self.read(study.get_trials(deepcopy=False))
         return study
 
     def optimize(self, study, strategy: str, n_trials: int | None) -> None:
@@ -414,15 +523,21 @@ class _Search:
         """One Optuna trial: a (placement, rate), trained once per seed not trained yet."""
         placement = trial.suggest_categorical("placement", list(self.where))
         rate = trial.suggest_categorical("rate", list(self.rates))
+        if self.shared is not None:
+            self.shared(trial)
+        trained = list(trial.user_attrs.get(f"trained {self.call}", ()))  # a retry's inheritance
         for seed in range(self.seeds):
             key = _key(placement, rate, seed)
             if key not in self.done:
-                net, scores = self.fit(placement, rate, seed)
+                net, scores = self.fit(placement, rate, seed, self.note)
                 del net
                 gc.collect()
                 self.done[key] = scores
                 self.trained += 1
+                trained.append(seed)
             trial.set_user_attr(f"seed {seed}", list(self.done[key]))  # stored at once
+            if self.call and trained:
+                trial.set_user_attr(f"trained {self.call}", trained)
         return float(np.mean([self.done[_key(placement, rate, s)][0] for s in range(self.seeds)]))
 
     def fit(self, placement: str, rate: float, seed: int, note: str = ""):
@@ -515,6 +630,27 @@ class _Search:
 def _key(placement: str, rate: float, seed: int) -> tuple:
     """The baseline (rate 0) is the same model for every placement: one key for all."""
     return ("" if rate == 0 else placement, rate, seed)
+
+
+def _digest(arrays) -> str:
+    """The first 12 hex digits of the SHA-256 of arrays' shapes, dtypes and bytes."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(keras.ops.convert_to_numpy(array))
+        digest.update(f"{array.shape}{array.dtype}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:12]
+
+
+def _rows(data: tuple) -> int:
+    return len(keras.tree.flatten(data[0])[0])
+
+
+def _shown(store) -> str:
+    """A storage's URL without its password."""
+    import sqlalchemy
+
+    return sqlalchemy.engine.make_url(str(store.engine.url)).render_as_string(hide_password=True)
 
 
 def _copy(model) -> keras.Model:

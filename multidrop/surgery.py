@@ -87,15 +87,17 @@ def clone(unit, changes: dict | None = None) -> keras.layers.Layer:
         config = keras.saving.serialize_keras_object(unit)
         inner = config["config"]
         (inner["base"]["config"] if made(unit) else inner).update(changes or {})
-        if call is not None:
+        if call is not None:  # built below by the call the original made
             config.pop("build_config", None)
+            inner.pop("build_config", None)  # an edited copy's own (see Edited)
         copy = keras.saving.deserialize_keras_object(config)
         if call is not None:
             copy(*call.args, **{**call.kwargs, **_inference(copy)})
     except Exception as error:
         raise _not_copyable(unit, error) from error
     old, new = _keras.all_layers(unit), _keras.all_layers(copy)
-    if not copy.built or [type(x) for x in old] != [type(x) for x in new]:
+    # By class name: multidrop.Dropout comes back as the keras.layers.Dropout it is saved as.
+    if not copy.built or [type(x).__name__ for x in old] != [type(x).__name__ for x in new]:
         what = "is not built" if not copy.built else "holds other sublayers than the original"
         raise _not_copyable(unit, f"the copy {what}")
     try:
@@ -194,7 +196,7 @@ class Edited:
 
     @classmethod
     def from_config(cls, config):
-        base = {**config["base"], "build_config": config["build_config"]}
+        base = {**config["base"], "build_config": config.get("build_config")}
         obj = keras.saving.deserialize_keras_object(base)
         for record in config["edits"]:
             owner, old = _owner(obj, record["path"])
