@@ -6,7 +6,7 @@ wraps the model, dropout's ``[seed, count]`` state included, so without help
 every rank would draw the same masks. Multi-process JAX without a Keras
 distribution is the same. `fold` gives each process its own masks from the one
 seed the user set: it XORs a number derived from the process's rank into the
-seed word, where the dropout kernel derives its keys, and leaves rank 0 (and a
+seed word, the first word of the dropout kernel's key, and leaves rank 0 (and a
 single process) exactly as it is.
 
 Folding twice restores the state (XOR), so the kernel folds the state it reads
@@ -70,7 +70,7 @@ def fold(state):
         ``[seed ^ f(rank), count]``, a tensor of ``state``'s backend and dtype.
 
     Example:
-        >>> keys = _mix(distributed.fold(state) ^ _SALT)   # the dropout kernel's keys
+        >>> threefry(pairs, 0, *distributed.fold(state))   # the dropout kernel's key
     """
     word = rank() * _GOLDEN % 2**32
     if word == 0:

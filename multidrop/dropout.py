@@ -26,11 +26,10 @@ its matrix products in its own order.) Masks differ from multidrop 0.1's
 On PyTorch the layer runs a `torch.autograd.Function` that keeps no mask for
 backward: it saves its call's ``[seed, count]`` (8 bytes) and draws the mask
 again. Its cipher, threshold and multiply are one ``torch.compile``-d function (one
-vectorised loop on CPU, one Triton kernel on a GPU), called from eager code. A
-process does not wait for the compiler: the kernel is compiled in a background
-thread on the first training call, and until it is ready (seconds; Inductor
-caches it on disk for the next process), or where compiling fails (it then
-warns once), the same mask runs as int32 tensor ops. Under ``jit_compile=True``
+vectorised loop on CPU, one Triton kernel on a GPU), called from eager code and
+compiled on the first training call in a process (seconds; Inductor caches it on
+disk for the next process); where compiling fails it warns once and runs the
+same mask as int32 tensor ops. Under ``jit_compile=True``
 the function is traced into the model's graph instead. On JAX and TensorFlow
 the mask is a few ``keras.ops`` integer ops in one XLA-compiled function
 (``jax.jit``, ``tf.function(jit_compile=True)``), fused with the multiply even
@@ -42,7 +41,6 @@ from __future__ import annotations
 
 import math
 import operator
-import threading
 import warnings
 
 import keras
@@ -242,7 +240,7 @@ def _kernel(x, state, t: int, scale):
     ``state = [seed, count]``: the cipher, the threshold and the multiply in one pass, one
     Threefry block per two elements."""
     size = x.numel()
-    pairs = torch.nn.functional.pad(x, (0, size % 2)).view(-1, 2)
+    pairs = torch.nn.functional.pad(x, (0, 1))[: (size + 1) // 2 * 2].view(-1, 2)
     index = torch.arange(pairs.shape[0], dtype=torch.int32, device=x.device)
     words = threefry(index, 0, state[0], state[1])
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
@@ -263,70 +261,41 @@ _COMPILED: dict = {}
 
 
 def _run(x, state, t: int, scale):
-    """`_kernel`: traced into the graph under torch.compile; else compiled once per dtype and
-    device (one kernel for small ``x`` on one thread, one for large ``x`` on all of
-    PyTorch's threads), and run eagerly until it is."""
+    """`_kernel`: traced into the graph under torch.compile; else compiled once (one kernel
+    for small ``x`` on one thread, one for large ``x`` on all of PyTorch's threads)."""
     if torch.compiler.is_compiling():
         return _kernel(x, _snapshot(state), t, scale)
     small = x.numel() < _SMALL and x.device.type == "cpu"
-    key = (small, x.dtype, x.device)
-    kernel = _COMPILED.get(key)
+    kernel = _COMPILED.get(small)
     if kernel is None:
-        kernel = _COMPILED[key] = _Background(_one_thread if small else _threads, small)
+        options = {"cpp.threads": 1} if small else {}
+        function = _one_thread if small else _threads
+        kernel = _COMPILED[small] = _Fallback(
+            torch.compile(function, dynamic=True, options=options)
+        )
     return kernel(x, state, t, scale)
 
 
-class _Background:
-    """`_kernel` compiled in a background thread, started by the first call; until it is
-    ready, and for good should compiling fail (then it warns once), `_kernel` runs as eager
-    tensor ops, drawing the same masks. `wait` joins the compiling thread."""
+class _Fallback:
+    """Call a compiled `_kernel`; should compiling it fail, warn once and run `_kernel` as
+    eager tensor ops (the same masks, slower)."""
 
-    def __init__(self, function, small: bool):
-        self.function, self.small = function, small
-        self.compiled = self.thread = self.error = None
+    def __init__(self, compiled):
+        self.compiled = compiled
 
-    def __call__(self, x, state, t, scale):
+    def __call__(self, *args):
         if self.compiled is not None:
-            return self.compiled(x, state, t, scale)
-        if self.thread is None:
-            sample = (torch.zeros(64, dtype=x.dtype, device=x.device), state.clone(), t, scale)
-            self.thread = threading.Thread(target=self._compile, args=sample, daemon=True)
-            self.thread.start()
-        elif self.error is not None:
-            error, self.error = self.error, False
-            warnings.warn(
-                f"multidrop: torch.compile of the dropout kernel failed ({error!r:.300}); "
-                "running it as slower eager tensor ops.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return _kernel(x, state, t, scale)
-
-    def _compile(self, *sample):
-        options = {"cpp.threads": 1} if self.small else {}
-        compiled = torch.compile(self.function, dynamic=True, options=options)
-        try:
-            for size in (64, 63):  # even and odd sizes take different guards
-                compiled(sample[0][:size], *sample[1:])
-        except Exception as error:  # no C++ compiler, no Triton, an unsupported device...
-            self.error = error
-        else:
-            self.compiled = compiled
-
-    def wait(self):
-        if self.thread is not None:
-            self.thread.join()
-
-
-def wait_compiled() -> None:
-    """Block until every PyTorch dropout kernel being compiled in the background is ready
-    (benchmarks and tests time the compiled kernel; training never needs to wait).
-
-    Example:
-        >>> layer(x, training=True); wait_compiled()   # the next call runs compiled
-    """
-    for kernel in list(_COMPILED.values()):
-        kernel.wait()
+            try:
+                return self.compiled(*args)
+            except Exception as error:  # no C++ compiler, no Triton, an unsupported device...
+                self.compiled = None
+                warnings.warn(
+                    f"multidrop: torch.compile of the dropout kernel failed ({error!r:.300}); "
+                    "running it as slower eager tensor ops.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return _kernel(*args)
 
 
 if BACKEND == "torch":

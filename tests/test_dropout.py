@@ -1,8 +1,8 @@
 """multidrop's Dropout: its masks, gradients, memory and inference, on every backend.
 
-``reference_mask`` is the mask of the kernel before it was fused and ported
-(commit 409421b, PyTorch only), rewritten in numpy: every backend, eager or
-compiled, must give exactly its bits.
+``reference_mask`` is the mask written from its definition in numpy (Threefry-2x32-20,
+checked against Random123's known answers and ``jax.random``'s own threefry): every
+backend, eager or compiled, must give exactly its bits.
 """
 
 import json
@@ -21,23 +21,60 @@ BACKEND = keras.backend.backend()
 TORCH = BACKEND == "torch"
 torch_only = pytest.mark.skipif(not TORCH, reason="PyTorch's autograd and torch.compile")
 
-_M1, _M2, _SALT = 0x7FEB352D, 0x846CA68B - (1 << 32), 0x2545F491
 
-
-def _lowbias32(h, key=0):
-    h = (h ^ (h >> 16) & 0xFFFF) * _M1 ^ key  # int32 arrays: numpy wraps like the kernels
-    h = (h ^ (h >> 15) & 0x1FFFF) * _M2
-    return h ^ (h >> 16) & 0xFFFF
+def _threefry(x0, x1, k0, k1):
+    """Threefry-2x32, 20 rounds, on uint64 numpy arrays holding 32-bit words."""
+    mask, rotations = 0xFFFFFFFF, (13, 15, 26, 6, 17, 29, 16, 24)
+    keys = (k0, k1, k0 ^ k1 ^ 0x1BD11BDA)
+    x0, x1 = (x0 + k0) & mask, (x1 + k1) & mask
+    for i in range(20):
+        r = rotations[i % 8]
+        x0 = (x0 + x1) & mask
+        x1 = (((x1 << r) | (x1 >> (32 - r))) & mask) ^ x0
+        if i % 4 == 3:
+            s = i // 4 + 1
+            x0 = (x0 + keys[s % 3]) & mask
+            x1 = (x1 + keys[(s + 1) % 3] + s) & mask
+    return x0, x1
 
 
 def reference_mask(shape, rate, seed, count):
-    """The float32 mask (0 or 1 / (1 - rate)) of call ``count`` of a layer seeded ``seed``."""
+    """The float32 mask (0 or the scale) of call ``count`` of a layer seeded ``seed``:
+    element ``j`` keeps when word ``j % 2`` of Threefry((j // 2, 0), key (seed, count)),
+    read as a signed int32, is at least ``round(rate * 2**32) - 2**31``; kept ones scale by
+    1 / (keep probability)."""
     size = math.prod(shape)
-    keys = _lowbias32(np.array([seed, count], np.int32) ^ _SALT)
-    index = np.arange((size + 1) // 2, dtype=np.int32)
-    draws = _lowbias32(index ^ keys[0], keys[1] ^ keys[0]).view(np.int16)[:size].reshape(shape)
-    keep = draws >= round(rate * 65536) - 32768
-    return np.where(keep, np.float32(1 / (1 - rate)), np.float32(0))
+    pairs = np.arange((size + 1) // 2, dtype=np.uint64)
+    words = _threefry(pairs, np.uint64(0), np.uint64(seed % 2**32), np.uint64(count % 2**32))
+    words = np.stack(words, 1).reshape(-1)[:size].reshape(shape)
+    cutoff = min(round(rate * 2**32), 2**32 - 1)
+    scale = np.float32(2**32 / (2**32 - cutoff))
+    signed = words.astype(np.int64) - (words >= 2**31).astype(np.int64) * 2**32
+    return np.where(signed >= cutoff - 2**31, scale, np.float32(0))
+
+
+def test_reference_is_threefry_2x32():
+    """Random123's known-answer vectors (kat_vectors, threefry2x32_20), and jax.random's own
+    threefry_2x32 on random keys and counters."""
+    u = np.uint64
+    assert _threefry(u(0), u(0), u(0), u(0)) == (0x6B200159, 0x99BA4EFE)
+    assert _threefry(u(2**32 - 1), u(2**32 - 1), u(2**32 - 1), u(2**32 - 1)) == (
+        0x1CB996FC,
+        0xBB002BE7,
+    )
+    assert _threefry(u(0x243F6A88), u(0x85A308D3), u(0x13198A2E), u(0x03707344)) == (
+        0xC4923A9C,
+        0x483DF7A0,
+    )
+    import jax.extend.random
+    import jax.numpy as jnp
+
+    words = np.random.default_rng(0).integers(0, 2**32, size=(4, 8), dtype=np.uint64)
+    theirs = jax.extend.random.threefry_2x32(
+        jnp.asarray(words[0, :2], jnp.uint32), jnp.asarray(words[1:3].ravel(), jnp.uint32)
+    )
+    mine = _threefry(words[1], words[2], words[0, 0], words[0, 1])
+    assert np.array_equal(np.asarray(theirs, np.uint64), np.concatenate(mine))
 
 
 def _inputs(shape, seed=0):
@@ -114,6 +151,28 @@ def test_training_drops_rate_and_scales_the_rest(rate):
     for part in (dropped[:100], dropped[100:], dropped[:, ::2], dropped[:, 1::2]):
         assert abs(part.mean() - rate) < 0.011
     np.testing.assert_allclose(y[~dropped], x[~dropped] / (1 - rate), rtol=1e-6)
+
+
+def test_varying_batch_sizes_and_rates_trace_nothing_again():
+    """Eager calls with a new batch size, rank or rate each time: the right masks, and on
+    TensorFlow no retracing warning (one trace per dtype; XLA compiles each shape)."""
+    import io
+    import logging
+
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    logger = logging.getLogger("tensorflow")
+    logger.addHandler(handler)
+    try:
+        for i, batch in enumerate(range(1, 9)):
+            shape, rate = (batch, 5) if i % 2 else (batch, 3, 2), 0.1 + 0.1 * i
+            x = _inputs(shape)
+            y = Dropout(rate, seed=i)(x, training=True)
+            expected = x * reference_mask(shape, rate, i, 0)
+            assert np.array_equal(_bits(y), expected.view(np.int32))
+    finally:
+        logger.removeHandler(handler)
+    assert "retracing" not in log.getvalue()
 
 
 def test_inference_is_the_identity_bit_for_bit():
