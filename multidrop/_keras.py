@@ -158,18 +158,22 @@ def is_keras_layer(layer) -> bool:
     return True
 
 
-def children(layer) -> list[tuple[tuple, object]]:
+def children(layer, properties: bool = True) -> list[tuple[tuple, object]]:
     """``(steps, sublayer)`` for the layers ``layer`` holds directly, as a ``.keras`` file
-    finds them: attributes, and lists, tuples and dicts in attributes (``("blocks", 1)``)."""
-    found = []
+    finds them: attributes, and lists, tuples and dicts in attributes (``("blocks", 1)``);
+    then, with ``properties``, those only a property shows (a Functional's ``layers``)."""
+    found, shown = [], []
     for name, value in saving_lib._walk_saveable(layer):
+        steps = []
         if isinstance(value, Layer):
-            found.append(((name,), value))
+            steps = [((name,), value)]
         elif isinstance(value, (list, tuple)):
-            found += [((name, i), v) for i, v in enumerate(value) if isinstance(v, Layer)]
+            steps = [((name, i), v) for i, v in enumerate(value) if isinstance(v, Layer)]
         elif isinstance(value, dict):
-            found += [((name, k), v) for k, v in value.items() if isinstance(v, Layer)]
-    return found
+            steps = [((name, k), v) for k, v in value.items() if isinstance(v, Layer)]
+        is_property = isinstance(getattr(type(layer), name, None), property)
+        (shown if is_property else found).extend(steps)
+    return found + shown * properties
 
 
 def replace_sublayer(parent, old, new) -> None:
@@ -179,7 +183,7 @@ def replace_sublayer(parent, old, new) -> None:
     keeps the count, so it is made the way Keras' own ``replace_tracked_value`` makes it."""
     parent._tracker.replace_tracked_value("layers", old, new)
     replaced = False
-    for steps, value in children(parent):
+    for steps, value in children(parent, properties=False):
         if value is not old:
             continue
         holder = getattr(parent, steps[0])

@@ -172,12 +172,28 @@ def _masked(x, state, t, scale):
         shape, size = x.shape, math.prod(x.shape)
         flat = ops.pad(ops.reshape(x, [-1]), [[0, size % 2]])
     pairs = ops.reshape(flat, [-1, 2])
-    index = ops.arange(ops.shape(pairs)[0], dtype="int32")
-    words = threefry(index, 0, state[0], state[1], ops.left_shift, ops.right_shift)
+    words = _words(ops.arange(ops.shape(pairs)[0], dtype="int32"), state)
     scale = ops.cast(scale, x.dtype)
     zero = ops.zeros((), x.dtype)
     masked = [pairs[:, i] * ops.where(w >= t, scale, zero) for i, w in enumerate(words)]
     return ops.reshape(ops.reshape(ops.stack(masked, axis=1), [-1])[:size], shape)
+
+
+def _words(index, state):
+    """`threefry` of the counters ``(index, 0)`` under the key ``state``, on JAX by
+    ``jax.random``'s own Threefry-2x32 (the same bits; XLA runs it 4x faster on a CPU)."""
+    ops = keras.ops
+    if BACKEND != "jax":
+        return threefry(index, 0, state[0], state[1], ops.left_shift, ops.right_shift)
+    import jax
+    import jax.numpy as jnp
+    from jax.extend.random import threefry_2x32
+
+    index = jax.lax.bitcast_convert_type(index, jnp.uint32)
+    key = jax.lax.bitcast_convert_type(state, jnp.uint32)
+    words = threefry_2x32(key, jnp.concatenate([index, jnp.zeros_like(index)]))
+    words = jax.lax.bitcast_convert_type(words, jnp.int32)
+    return words[: index.size], words[index.size :]
 
 
 _FUSED: list = []

@@ -119,6 +119,7 @@ class FieldPlan(Sequence):
 def changes(model, opts: SetOptions) -> FieldPlan:
     """What ``set_dropout(model, **opts)`` changes; raises before anything is built."""
     graph.check_model(model)
+    probe.read_with(model, opts.sample)
     calls = [c for c in graph.walk(model) if c.index == 0]
     top = Call(model, None, (), 0, False, False)  # the model's own fields (a backbone's dropout)
     candidates = [top, *calls]

@@ -29,6 +29,7 @@ from multidrop import _keras, probe
 from multidrop._keras import Functional
 
 _LISTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_WITHIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # node -> (owner, graph model)
 _PLAIN_CALL = types.SimpleNamespace(args=(), kwargs=types.MappingProxyType({}))
 
 
@@ -235,25 +236,35 @@ def walk(model, *, recursive: bool = True) -> list[Call]:
         return probe.calls_inside(probe.of(model), (), True, recursive=recursive)
     graph = graph_of(model)
     calls: list[Call] = []
-    records = _Records(model)
-    _walk(model, (), set(map(id, graph.outputs)), (False, False), recursive, calls, set(), records)
+    _walk(model, (), set(map(id, graph.outputs)), (False, False), recursive, calls, set(), model)
     return calls
 
 
-class _Records:
-    """The probe records of a graph model's custom layers, made on first need."""
-
-    def __init__(self, model):
-        self.model = model
-        self.first: dict | None = None
-
-    def of(self, layer) -> probe.Record:
-        if self.first is None:
-            self.first = probe.first_records(probe.of(self.model))
-        return self.first[id(layer)]
+def walk_within(model, path: tuple, is_output: bool, fixed, owner) -> list[Call]:
+    """The calls of graph model ``model``, called inside ``owner``'s ``call()``; their
+    nodes are edited by rebuilding ``model`` and putting it in ``owner``'s copy (`within`)."""
+    calls: list[Call] = []
+    final = set(map(id, graph_of(model).outputs)) if is_output else set()
+    _walk(model, path, final, fixed, True, calls, set(), None)
+    for call in calls:
+        _WITHIN.setdefault(call.node, (owner, model))
+    return calls
 
 
-def _walk(model, path, final_ids, fixed, recursive, calls, seen, records) -> None:
+def within(node) -> tuple | None:
+    """``(owner, graph model)`` when ``node`` belongs to a graph model called inside the
+    ``call()`` of ``owner`` (a custom layer or subclassed model), else None."""
+    return _WITHIN.get(node)
+
+
+def _record(top, op) -> probe.Record:
+    """The probe record of custom layer ``op``, probing ``top`` if no probe saw it yet."""
+    if probe.call_of(op) is None:
+        probe.of(top)
+    return probe.call_of(op)
+
+
+def _walk(model, path, final_ids, fixed, recursive, calls, seen, top) -> None:
     counts: dict[int, int] = {}
     graph_nodes = nodes(model)
     for node in graph_nodes:
@@ -263,7 +274,7 @@ def _walk(model, path, final_ids, fixed, recursive, calls, seen, records) -> Non
         is_output = any(id(t) in final_ids for t in node.outputs)
         calls.append(Call(op, node, path, index, is_output, *fixed))
         if recursive and index == 0 and probe.is_structure(op):
-            calls += probe.calls_inside(records.of(op), (*path, op.name), is_output, fixed)
+            calls += probe.calls_inside(_record(top, op), (*path, op.name), is_output, fixed)
         if recursive and is_graph_model(op) and id(op) not in seen:
             seen.add(id(op))
             # A nested model called several times: an inner tensor is final if any call
@@ -280,4 +291,4 @@ def _walk(model, path, final_ids, fixed, recursive, calls, seen, records) -> Non
             inert = fixed[0] or all(t is False for t in training)
             forced = fixed[1] or any(t is True for t in training)
             inner_path = (*path, op.name)
-            _walk(op, inner_path, inner_final, (inert, forced), recursive, calls, seen, records)
+            _walk(op, inner_path, inner_final, (inert, forced), recursive, calls, seen, top)

@@ -171,14 +171,19 @@ def _mc_view(model, consistent: bool = False) -> _View:
     views = _VIEWS.setdefault(model, {})
     if consistent not in views:
         dropouts: list[keras.layers.Layer] = []  # the view's own, in graph order
+        sampled = [
+            c
+            for c in graph.walk(model)
+            if not probe.is_structure(c.operation) and _sampled(c.operation)
+        ]
         inside = [  # dropout inside a call(): replaced in a copy of the layer around it
             (c.node.owner, c.operation, lambda _, c=c: _always_on(c, dropouts, consistent))
-            for c in graph.walk(model)
+            for c in sampled
             if isinstance(c.node, probe.ProbeNode)
-            and not probe.is_structure(c.operation)
-            and _sampled(c.operation)
         ]
-        view = edit(model, inside=inside, clone=lambda op: _always_on(op, dropouts, consistent))
+        touch = [c.node for c in sampled if not isinstance(c.node, probe.ProbeNode)]
+        clone = lambda op: _always_on(op, dropouts, consistent)  # noqa: E731
+        view = edit(model, inside=inside, clone=clone, touch=touch)
         if not any(isinstance(layer, MonteCarlo) for layer in _keras.all_layers(view)):
             raise ValueError(
                 f"Model '{model.name}' has no dropout layers in its graph, so every Monte "

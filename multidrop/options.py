@@ -69,6 +69,9 @@ class Options:
             (training the clone then trains the original too).
         mc: keep the inserted dropout on at inference (Monte Carlo dropout);
             the model then needs ``import multidrop`` to load.
+        sample: inputs to read the structure of a ``call()`` with (a subclassed model,
+            a custom layer; see `multidrop.probe`): what the model takes, e.g.
+            ``x_train[:2]``. Default: random inputs shaped like those it was built on.
     """
 
     rate: object
@@ -80,6 +83,7 @@ class Options:
     recursive: bool = True
     share_weights: bool = False
     mc: bool = False
+    sample: object = None
 
     def __post_init__(self):
         kinds.check_rate(self.rate)
@@ -115,12 +119,15 @@ class RemoveOptions:
     """What ``remove_dropout`` removes, and how the rest is kept.
 
     Attributes:
-        all: remove every Dropout-family layer, not only those multidrop added.
+        all: remove every Dropout-family layer, not only those multidrop added
+            (inside a ``call()``, only multidrop's: the user's own are part of its code).
         share_weights: share the model's variables instead of copying them.
+        sample: inputs to read a ``call()`` with (see `Options`).
     """
 
     all: bool = False
     share_weights: bool = False
+    sample: object = None
 
     def __post_init__(self):
         _check_flags(self, "all", "share_weights")
@@ -138,12 +145,14 @@ class SetOptions:
         fields: only these fields (``("recurrent_dropout",)``); None for all of a
             layer's dropout-rate fields.
         share_weights: share the model's variables instead of copying them.
+        sample: inputs to read a ``call()`` with (see `Options`).
     """
 
     rate: object
     where: object = None
     fields: tuple | None = None
     share_weights: bool = False
+    sample: object = None
 
     def __post_init__(self):
         kinds.check_rate(self.rate)
@@ -215,10 +224,13 @@ def _check_flags(record, *names: str) -> None:
 
 
 def _changed(record, always) -> dict:
+    def differs(value, default) -> bool:  # ``sample`` may be an array: no ``!=`` on it
+        return value is not default and (default is None or bool(value != default))
+
     return {
         f.name: getattr(record, f.name)
         for f in dataclasses.fields(record)
-        if f.name in always or getattr(record, f.name) != f.default
+        if f.name in always or differs(getattr(record, f.name), f.default)
     }
 
 

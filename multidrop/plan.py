@@ -150,6 +150,7 @@ def plan(model, rate, where="activations", **options) -> Plan:
 def decide(model, opts: Options) -> Plan:
     """The plan for ``model`` under ``opts`` (already validated)."""
     graph.check_model(model)
+    probe.read_with(model, opts.sample)
     selector = opts.selector
     calls = graph.walk(model, recursive=opts.recursive)
     reasons = {id(c): _why_not(c, opts.include_outputs, opts.mc) for c in calls}
@@ -222,6 +223,11 @@ def _skipped_note(calls, mc: bool) -> str:
     forced = sum(1 for c in calls if c.training_forced and not c.inference_only)
     parts = [f"{inert} layers inside models called with training=False are skipped"] * bool(inert)
     parts += [f"{forced} layers inside models called with training=True are skipped"] * bool(forced)
+    after = sum(1 for c in calls if getattr(c.node, "in_inference_since", None))
+    parts += [f"{after} calls after a call with training=False are skipped"] * bool(after)
+    refused = [c for c in calls if getattr(c.node, "reason", None)]
+    if refused:
+        parts.append(f"{len(refused)} calls inside call() cannot take one ({refused[0].node.reason})")
     return "; ".join(parts)
 
 
@@ -258,6 +264,14 @@ def _why_not(call: Call, include_outputs: bool, mc: bool) -> str | None:
             f"model '{call.path[-1]}' is called with training=False, so a dropout inside it would "
             "never be active; pass mc=True for dropout that is always on, or call the "
             "nested model without training=False"
+        )
+    since = getattr(call.node, "in_inference_since", None)
+    if since and not mc:
+        return (
+            f"'{since}' is called with training=False before it in the same call(), and Keras "
+            "keeps that mode for the calls after it that pass no training argument, so a "
+            "dropout here would never be active; pass training=training to this call, or "
+            "pass mc=True for always-on dropout"
         )
     if call.training_forced and not mc:
         return (

@@ -3,9 +3,10 @@
 A Functional graph records its calls; a subclassed model or a custom layer (a
 transformer block written as a ``keras.layers.Layer``, a keras-hub block) does
 not: its structure is the Python code of its ``call()``. The probe runs the
-model once, eagerly, on a small batch with ``training=False``, and records every
-layer call in it: which layer called which sublayer, in what order, on what and
-with what result. Nothing in the model changes.
+model once, eagerly, on a small batch, and records every layer call in it: which
+layer called which sublayer, in what order, on what, with what ``training``
+argument and with what result. It runs in training mode and puts back every
+variable the call moved, so the model is left as it was.
 
 From the records, `calls_inside` makes the same `multidrop.graph.Call` records a
 graph walk makes, so selectors, plans and tables treat both alike. Each sublayer
@@ -18,9 +19,11 @@ same ``call()`` equals ``d + x`` exactly, for ``x`` the block's input or a tenso
 seen earlier in it (``x = x + self.dropout(h)`` in keras-hub's TransformerEncoder).
 On random inputs, an exact equality of every element is no coincidence.
 
-Keras' own layers (``MultiHeadAttention``, RNNs, wrappers) and nested graph models
-are leaves: their structure is Keras', and their own dropout is set through their
-configs (`multidrop.set_dropout`).
+Keras' own layers (``MultiHeadAttention``, RNNs, wrappers) are leaves: their
+structure is Keras', and their own dropout is set through their configs
+(`multidrop.set_dropout`). A graph model called inside a ``call()`` (the
+``keras.Sequential`` feed-forward of keras-io's TransformerBlock) is walked as a
+graph (`multidrop.graph.walk_within`).
 
 Example:
     >>> from multidrop import probe
@@ -42,7 +45,7 @@ from multidrop import _keras
 
 _PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (root, sample)
 _SAMPLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # copy -> its original's
-_FIRST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> first Record
+_FIRST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {id(layer): Record}
 _PLAIN_CALL = types.SimpleNamespace(args=(), kwargs=types.MappingProxyType({}))
 
 
@@ -57,16 +60,18 @@ class Record:
         outputs: the tensors it returned, flattened.
         children: the calls its own ``call()`` made, in order.
 
-    Records are cached per model, so they hold their layers by weak reference.
+    Records are cached per model, so they hold the probed model (``root``) by weak
+    reference: the cache must not keep it alive.
     """
 
-    def __init__(self, layer, caller, args, kwargs):
-        self._layer = weakref.ref(layer)
-        self._caller = None if caller is None else weakref.ref(caller)
-        self.args, self.kwargs = args, kwargs
+    def __init__(self, layer, caller, args, kwargs, root):
+        self._layer = _reference(layer, root)
+        self._caller = None if caller is None else _reference(caller, root)
+        self.args, self.kwargs = args, dict(kwargs)  # as called: Keras fills in ``training``
         self.inputs = _tensors((args, kwargs))
         self.outputs: list = []
         self.children: list[Record] = []
+        self.in_inference_since: str | None = None  # see run()
 
     @property
     def layer(self):
@@ -75,6 +80,10 @@ class Record:
     @property
     def caller(self):
         return None if self._caller is None else self._caller()
+
+
+def _reference(layer, root):
+    return weakref.ref(layer) if layer is root else (lambda: layer)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -88,6 +97,8 @@ class ProbeNode:
         calls: how many times ``owner``'s ``call()`` called it.
         branch_end: its output is added to an earlier tensor: it ends a residual branch.
         reason: why nothing can follow it (None when something can).
+        in_inference_since: the layer called with ``training=False`` before it in the same
+            outer call, whose mode Keras keeps for it (then a dropout after it never runs).
     """
 
     operation: keras.layers.Layer
@@ -97,6 +108,7 @@ class ProbeNode:
     calls: int = 1
     branch_end: bool = False
     reason: str | None = None
+    in_inference_since: str | None = None
     is_input = False
 
     @property
@@ -109,10 +121,14 @@ def is_structure(op) -> bool:
     model or a custom layer, not one of Keras' own layers or a graph model."""
     return (
         isinstance(op, keras.layers.Layer)
-        and not isinstance(op, (_keras.Functional, keras.Sequential))
+        and not is_graph(op)
         and not _keras.is_keras_layer(op)
         and len(_keras.all_layers(op)) > 1
     )
+
+
+def is_graph(op) -> bool:
+    return isinstance(op, (_keras.Functional, keras.Sequential))
 
 
 def of(model, sample=None) -> Record:
@@ -126,6 +142,12 @@ def of(model, sample=None) -> Record:
     return root
 
 
+def read_with(model, sample) -> None:
+    """Probe ``model`` on ``sample`` now (the ``sample=`` option), if one is given."""
+    if sample is not None:
+        of(model, sample)
+
+
 def sample_of(model):
     """The inputs ``model`` is (or would be) probed on."""
     if model in _PROBES:
@@ -134,8 +156,11 @@ def sample_of(model):
 
 
 def call_of(layer) -> Record | None:
-    """The record of ``layer``'s first call in the latest probe that saw it."""
-    return _FIRST.get(layer)
+    """The record of ``layer``'s first call in a probe that saw it."""
+    for first in list(_FIRST.values()):
+        if id(layer) in first and first[id(layer)].layer is layer:
+            return first[id(layer)]
+    return None
 
 
 def share_sample(old, new) -> None:
@@ -145,16 +170,25 @@ def share_sample(old, new) -> None:
 
 
 def run(model, sample) -> Record:
-    """Call ``model(sample, training=False)`` once, recording every layer call in it."""
+    """Call ``model(sample, training=True)`` once, recording every layer call in it.
+
+    Training mode makes ``training=training`` and a literal ``training=False`` in a
+    ``call()`` tell apart; every variable the call moves is put back afterwards, so the
+    model is left bitwise as it was."""
     stack: list[Record] = []
     top: list[Record] = []
-    seen: set[int] = set()
+    first: dict[int, Record] = {}
+    # Keras keeps an explicit training= of a nested call for every call after it in the
+    # same outer call (3.15; keras-team/keras#23364): after `backbone(x, training=False)`
+    # the layers that get no training argument run in inference, in fit too.
+    since: list[str | None] = [None]
 
     def around(layer, args, kwargs, proceed):
-        record = Record(layer, stack[-1].layer if stack else None, args, kwargs)
-        if id(layer) not in seen:
-            seen.add(id(layer))
-            _FIRST[layer] = record
+        record = Record(layer, stack[-1].layer if stack else None, args, kwargs, model)
+        record.in_inference_since = since[0] if "training" not in kwargs else None
+        if "training" in kwargs:
+            since[0] = layer.name if kwargs["training"] is False else None
+        first.setdefault(id(layer), record)
         (stack[-1].children if stack else top).append(record)
         stack.append(record)
         try:
@@ -165,15 +199,20 @@ def run(model, sample) -> Record:
         return outputs
 
     args, kwargs = sample if isinstance(sample, _Call) else ((sample,), {})
-    try:
+    state = [keras.ops.convert_to_numpy(v.value) for v in model.variables]
+    try:  # in training mode, so that a training=False written into call() stands out
         with _keras.intercepting_calls(around):
-            model(*args, **kwargs, training=False)
+            model(*args, **kwargs, training=True)
     except Exception as error:
         raise ValueError(
             f"multidrop runs {type(model).__name__} '{model.name}' once on a small batch to "
             f"read the structure of its call(), and that call failed: {type(error).__name__}: "
             f"{error}. Pass inputs it takes as sample=..., e.g. sample=x_train[:2]."
         ) from error
+    finally:  # what the training call moved (BatchNormalization's averages, RNG states)
+        for variable, value in zip(model.variables, state):
+            variable.assign(value)
+    _FIRST[model] = first
     return top[0]
 
 
@@ -219,24 +258,14 @@ def _tensors(structure) -> list:
     return [t for t in keras.tree.flatten(structure) if keras.ops.is_tensor(t)]
 
 
-def first_records(root: Record) -> dict[int, Record]:
-    """``{id(layer): its first call's record}`` over the whole probe."""
-    found: dict[int, Record] = {}
-    pending = [root]
-    while pending:
-        record = pending.pop()
-        found.setdefault(id(record.layer), record)
-        pending.extend(reversed(record.children))
-    return found
-
-
 def calls_inside(
-    record: Record, path: tuple, is_output: bool, fixed=(False, False), recursive=True
+    record: Record, path: tuple, is_output: bool, fixed=(False, False), recursive=True, held=None
 ) -> list:
     """The `Call` records of the sublayer calls in ``record``'s ``call()``, and (with
     ``recursive``) in the custom layers among them; ``path`` names ``record``'s layer and
     those around it, ``is_output``: its output is the model's; ``fixed``: (inference_only,
     training_forced) of the graph call around it."""
+    from multidrop import graph
     from multidrop.graph import Call
 
     children = _seen_through(record)
@@ -245,6 +274,7 @@ def calls_inside(
     for child in children:
         counts[id(child.layer)] = counts.get(id(child.layer), 0) + 1
     tracked = {id(layer) for layer in _keras.all_layers(record.layer)}
+    held = _holders(record.layer) if held is None else held
     finals = {id(t) for t in record.outputs} if is_output else set()
     calls, done = [], set()
     for i, child in enumerate(children):
@@ -259,11 +289,17 @@ def calls_inside(
             [_spec(t) for t in child.outputs],
             counts[id(child.layer)],
             i in branch_ends,
-            _reason(child, tracked),
+            _reason(child, tracked, held),
+            child.in_inference_since,
         )
         calls.append(Call(child.layer, node, path, 0, final, *fixed))
+        inner = (*path, child.layer.name)
+        # The probe runs in training mode: a False here is written into the call().
+        mode = (fixed[0] or child.kwargs.get("training") is False, fixed[1])
         if recursive and is_structure(child.layer) and node.reason is None:
-            calls += calls_inside(child, (*path, child.layer.name), final, fixed)
+            calls += calls_inside(child, inner, final, mode, held=held)
+        elif recursive and is_graph(child.layer) and node.reason is None:
+            calls += graph.walk_within(child.layer, inner, final, mode, child.caller)
     return calls
 
 
@@ -278,17 +314,31 @@ def _seen_through(record: Record) -> list[Record]:
     return children
 
 
-def _reason(child: Record, tracked: set) -> str | None:
+def _holders(root) -> dict[int, int]:
+    """``{id(layer): how many layers in root hold it}``."""
+    counts: dict[int, int] = {}
+    for layer in _keras.all_layers(root):
+        for child in {id(c): c for _, c in _keras.children(layer)}:
+            counts[child] = counts.get(child, 0) + 1
+    return counts
+
+
+def _reason(child: Record, tracked: set, held: dict) -> str | None:
+    what = f"{type(child.layer).__name__} '{child.layer.name}'"
     if id(child.layer) not in tracked:
         return (
-            f"{type(child.layer).__name__} '{child.layer.name}' is made inside call() on every "
-            "call, so a copy has no such layer to edit; create it in __init__ instead"
+            f"{what} is made inside call() on every call, so a copy has no such layer to "
+            "edit; create it in __init__ instead"
+        )
+    if held.get(id(child.layer), 0) > 1:
+        return (
+            f"{what} is held by {held[id(child.layer)]} layers, so an edit made in one would "
+            "not be seen by the others; give each layer its own sublayer"
         )
     if child.caller is None or not any(v is child.layer for _, v in _keras.children(child.caller)):
         return (
-            f"{type(child.layer).__name__} '{child.layer.name}' is called by "
-            f"'{getattr(child.caller, 'name', None)}' but held by another layer, so an edit "
-            "of one would change both; call each sublayer from the layer that holds it"
+            f"{what} is called by '{getattr(child.caller, 'name', None)}' but held by another "
+            "layer, where an edit would put it; call each sublayer from the layer that holds it"
         )
     return None
 

@@ -90,24 +90,51 @@ def rebuild(
     return _Rebuild(dict(after or {}), set(map(id, drop)), clone or clone_operation).run(model)
 
 
-def edit(model, *, after=None, drop=(), inside=(), clone=None) -> keras.Model:
+def edit(model, *, after=None, drop=(), inside=(), clone=None, touch=()) -> keras.Model:
     """Every edit's one entry: a graph is rebuilt (`rebuild`), structure that lives in
-    Python is edited by surgery on a copy (`multidrop.surgery.edit`).
+    Python is edited by surgery on a copy (`multidrop.surgery.edit`), and each calls the
+    other for what it holds: a custom layer in a graph goes to surgery, a graph model
+    called inside a ``call()`` (`multidrop.graph.within`) is rebuilt and put in place.
 
     Args:
         model: a built Keras model.
-        after, drop, clone: as for `rebuild` (graph nodes only).
+        after, drop, clone: as for `rebuild`.
         inside: ``(owner, sublayer, factory)`` edits of sublayers inside ``call()`` code:
             the copy of the custom layer or subclassed model that holds ``owner`` has
             ``owner``'s ``sublayer`` replaced by ``factory(its copy)``.
+        touch: nodes whose operations ``clone`` changes (it may change any in a graph;
+            inside a ``call()``, only the graph models holding these are rebuilt).
 
     Example:
         >>> new = edit(model, after={node: keras.layers.Dropout(0.2)})
     """
+    after, drop, clone = dict(after or {}), list(drop), clone or clone_operation
+    inside = [*inside, *_rebuilt_within(after, drop, touch, clone)]
     if not graph.is_graph_model(model):
-        return surgery.edit(model, list(inside))
-    clone = surgery.cloner(list(inside), clone or clone_operation)
-    return rebuild(model, after=after, drop=drop, clone=clone)
+        return surgery.edit(model, inside)
+    return rebuild(model, after=after, drop=drop, clone=surgery.cloner(inside, clone))
+
+
+def _rebuilt_within(after: dict, drop: list, touch, clone) -> list:
+    """Surgery edits that put rebuilt copies of the graph models called inside a
+    ``call()`` in place; their nodes are taken out of ``after`` and ``drop``."""
+    groups: dict[int, tuple] = {}
+    for node in [*after, *drop, *touch]:
+        owner_and_graph = graph.within(node)
+        if owner_and_graph is not None:
+            groups.setdefault(id(owner_and_graph[1]), owner_and_graph)
+    edits = []
+    for owner, nested in groups.values():
+        nodes = {id(c.node) for c in graph.walk(nested)}
+        mine = {n: layer for n, layer in after.items() if id(n) in nodes}
+        gone = [n for n in drop if id(n) in nodes]
+        for n in mine:
+            del after[n]
+        drop[:] = [n for n in drop if id(n) not in nodes]
+        edits.append(
+            (owner, nested, lambda _, m=nested, a=mine, d=gone: edit(m, after=a, drop=d, clone=clone))
+        )
+    return edits
 
 
 def clone_operation(op) -> keras.Operation:
@@ -117,7 +144,10 @@ def clone_operation(op) -> keras.Operation:
 
 def clone_with_config(op, changes: dict | None = None) -> keras.Operation:
     """A new operation of ``op``'s class from its config updated with ``changes``, or a
-    TypeError naming the way out."""
+    TypeError naming the way out. A layer edited by surgery is copied by surgery (its
+    config holds its edits; the copy has its state already)."""
+    if surgery.made(op):
+        return surgery.clone(op, changes)
     try:
         return op.__class__.from_config({**op.get_config(), **(changes or {})})
     except Exception as error:
@@ -149,6 +179,7 @@ class _Rebuild:
         for old, clone in self.pairs:
             if clone is not old and type(clone) is type(old) and not surgery.made(clone):
                 _copy_state(old, clone)
+                _keep_names(old, clone)
         self.copy_trainable(model, new, flags)
         self.keep_output_names(model, new)
         self.check(model, before, new)
@@ -305,6 +336,13 @@ def _built_on(tensors) -> dict | None:
 def _clone_input(tensor) -> keras.layers.InputLayer:
     layer = _keras.producer(tensor)
     return layer.__class__.from_config(layer.get_config())
+
+
+def _keep_names(old, new) -> None:
+    """A custom layer's sublayers keep their names (a clone from config makes new ones)."""
+    if isinstance(old, keras.layers.Layer):
+        for a, b in zip(_keras.all_layers(old)[1:], _keras.all_layers(new)[1:]):
+            b.name = a.name
 
 
 def _copy_state(old, new) -> None:

@@ -77,6 +77,7 @@ def remove_dropout(model, **options) -> keras.Model:
         True
     """
     opts = build(RemoveOptions, "remove_dropout", **options)
+    probe.read_with(model, opts.sample)
     calls = [c for c in graph.walk(model) if _is_removable(c.operation, opts.all)]
     drop = [c.node for c in calls if not _inside(c.node)]
     inside = [
@@ -160,7 +161,8 @@ def set_dropout(model, rate, where=None, **options) -> keras.Model:
             return None
         return clone_with_config(op, {**config, **new.get(id(op), {})})
 
-    return edit(model, inside=inside, clone=clone)
+    touch = [c.node for c in the_plan if c.node is not None and not _inside(c.node)]
+    return edit(model, inside=inside, clone=clone, touch=touch)
 
 
 def _inside(node) -> bool:

@@ -19,11 +19,17 @@ Each (placement, rate, seed) training runs, in this order::
 so pasting `SearchResult.best_call` after the same ``set_random_seed`` and training
 it the same way gives back the same model and score.
 
+With ``storage=`` (a database URL) or ``workers=`` above 1, the trainings run in worker
+processes that share one Optuna study: on this machine, and on any other machine that
+makes the same call on the same URL (see `multidrop.search_workers`). The result is the
+one a single process gives.
+
 Each clone is freed when its trial ends; ``benchmarks/search_memory.py`` measures the
-resident memory over 20 trials. It stays flat on PyTorch and JAX. On TensorFlow every
-newly trained Keras model leaves about 10 MB of traced graphs behind, whoever builds
+resident memory over 60 trials. It stays flat on PyTorch and JAX. On TensorFlow every
+newly trained Keras model leaves about 12 MB of traced graphs behind, whoever builds
 the model (``keras.models.clone_model`` too) and whether or not
-``keras.backend.clear_session()`` is called; for long searches prefer the other backends.
+``keras.backend.clear_session()`` is called; a worker process is replaced once it has
+grown by 30 MB, so for long searches on TensorFlow pass ``workers=1`` with a ``storage``.
 
 Example:
     >>> from multidrop import select
@@ -372,7 +378,8 @@ class _Search:
             names = [s.name for s in multidrop.plan(self.model, 0.5, where=spec, kind=self.kind)]
             try:
                 again = eval(_code(spec), scope)
-                same = names == [s.name for s in multidrop.plan(self.model, 0.5, where=again)]
+                again = multidrop.plan(self.model, 0.5, where=again, kind=self.kind)
+                same = names == [s.name for s in again]
             except Exception:
                 same = False
             if not same:
@@ -407,7 +414,7 @@ class _Search:
         """Every finished training recorded in ``trials`` (of any state) into ``done``."""
         for trial in trials:
             for name, scores in trial.user_attrs.items():
-                if name.startswith("seed ") and "placement" in trial.params:
+                if name.startswith("seed ") and len(trial.params) == 2:
                     key = _key(trial.params["placement"], trial.params["rate"], int(name[5:]))
                     self.done[key] = tuple(scores)
 
@@ -440,8 +447,8 @@ class _Search:
     def settings(self) -> dict:
         """What a resumed search must share with the one it resumes."""
         return {
-            "model": f"{self.model.name} ({self.model.count_params()} weights, "
-            f"sha256 {_digest(self.model.get_weights())})",
+            "model": f"{self.model.count_params()} weights, "
+            f"sha256 {_digest(self.model.get_weights())}",
             "data": ", ".join(
                 f"{name} {_rows(data)} sha256 {_digest(keras.tree.flatten(data))}"
                 if isinstance(data, tuple)
@@ -576,7 +583,7 @@ class _Search:
         tried = {
             (t.params["placement"], t.params["rate"])
             for t in study.get_trials(deepcopy=False)
-            if "placement" in t.params
+            if len(t.params) == 2
         }
         rows = [
             self.row(p, r)

@@ -6,13 +6,15 @@ custom layer or a keras-hub backbone whose blocks add their residuals in
 the way module surgery edits a PyTorch model (Composer's ``replace_module_classes``,
 Baal's ``patch_module``), but on a copy:
 
-1. **Copy** the object the way a ``.keras`` file does: serialize it, deserialize it
-   (``from_config`` and ``build_from_config``), then copy every weight and state by
-   path (``save_own_variables``/``load_own_variables``, assets too), so adapted
+1. **Copy** the object by Keras' own recipe, ``from_config(get_config())`` on its
+   class, built by the call the probe saw it make (else by ``build_from_config``),
+   then copy every weight and state by path the way a ``.keras`` file restores them
+   (``save_own_variables``/``load_own_variables``, assets too), so adapted
    preprocessing state and LoRA survive; names and ``trainable`` flags are copied
-   layer by layer. An object that cannot make that trip cannot be saved either: the
-   error says what to fix (a ``get_config`` that ``from_config`` accepts, a
-   registered class).
+   layer by layer. A class whose config does not give it back is refused with what
+   to fix (a ``get_config`` that returns every ``__init__`` argument). Nothing else
+   is tried: a deep copy would share or duplicate backend state Keras does not
+   expect, and pickling is no more faithful than the config.
 2. **Replace** chosen sublayers of the copy: wrap one in `multidrop.layers.Then`
    ("the sublayer, then a dropout"), swap one for a reconfigured or always-on
    copy, or unwrap a ``Then`` again. The copy is already built, and Keras locks a
@@ -78,19 +80,22 @@ def edit(unit, edits: Sequence[Edit]) -> keras.layers.Layer:
 
 
 def clone(unit, changes: dict | None = None) -> keras.layers.Layer:
-    """``unit`` copied as a ``.keras`` file copies it: from its config (with ``changes``),
-    then its state; names and ``trainable`` flags layer by layer. The copy is built by a
-    call on what the probe saw ``unit`` called with (else from its build config, as a
-    load does)."""
+    """``unit`` copied by Keras' own recipe, ``from_config(get_config())`` on its class
+    (with ``changes`` in the config; an edited copy's edits replayed), then its state
+    copied as a ``.keras`` file copies it; names and ``trainable`` flags layer by layer.
+    The copy is built by a call on what the probe saw ``unit`` called with, else from
+    its build config, as a load builds it."""
     call = probe.call_of(unit)
+    base = getattr(type(unit), "_multidrop_base", type(unit))
     try:
-        config = keras.saving.serialize_keras_object(unit)
-        inner = config["config"]
-        (inner["base"]["config"] if made(unit) else inner).update(changes or {})
-        if call is not None:  # built below by the call the original made
-            config.pop("build_config", None)
-            inner.pop("build_config", None)  # an edited copy's own (see Edited)
-        copy = keras.saving.deserialize_keras_object(config)
+        config = unit.get_config()
+        edits = config.pop("edits", [])
+        if made(unit):
+            config = config["base"]["config"]
+        copy = base.from_config({**config, **(changes or {})})
+        if call is None:
+            copy.build_from_config(unit.get_build_config())
+        _replay(copy, edits)
         if call is not None:
             copy(*call.args, **{**call.kwargs, **_inference(copy)})
     except Exception as error:
@@ -113,6 +118,19 @@ def clone(unit, changes: dict | None = None) -> keras.layers.Layer:
     return copy
 
 
+def _replay(obj, edits: list) -> None:
+    """Make the ``edits`` (records of `edit`) on ``obj``, in order, and mark it: how both a
+    copy and a load make an edited object."""
+    for record in edits:
+        owner, old = _owner(obj, record["path"])
+        if "then" in record:
+            new = Then(old, keras.saving.deserialize_keras_object(record["then"]))
+        else:
+            new = keras.saving.deserialize_keras_object(record["layer"])
+        _keras.replace_sublayer(owner, old, new)
+    _mark(obj, edits)
+
+
 def made(layer) -> bool:
     """True for a copy that surgery made (its state is copied already)."""
     return "_multidrop_edits" in layer.__dict__
@@ -121,10 +139,10 @@ def made(layer) -> bool:
 def check_copyable(unit) -> None:
     """Raise the error `clone` would, without building or copying anything: ``unit`` must
     come back from its config."""
+    base = getattr(type(unit), "_multidrop_base", type(unit))
     try:
-        keras.saving.deserialize_keras_object(
-            {**keras.saving.serialize_keras_object(unit), "build_config": None}
-        )
+        config = unit.get_config()
+        base.from_config(config["base"]["config"] if made(unit) else config)
     except Exception as error:
         raise _not_copyable(unit, error) from error
 
@@ -132,9 +150,10 @@ def check_copyable(unit) -> None:
 def _not_copyable(unit, error) -> TypeError:
     cause = f"{type(error).__name__}: {error}" if isinstance(error, Exception) else error
     return TypeError(
-        f"multidrop copies {type(unit).__name__} '{unit.name}' the way a .keras file does, "
-        f"and that failed ({cause}). Give it a get_config() that returns every __init__ "
-        "argument, and register its class with @keras.saving.register_keras_serializable()."
+        f"multidrop copies {type(unit).__name__} '{unit.name}' as Keras does, "
+        f"from_config(get_config()), and that failed ({cause}). Give it a get_config() that "
+        "returns every __init__ argument (and register its class with "
+        "@keras.saving.register_keras_serializable() to save it)."
     )
 
 
@@ -196,17 +215,10 @@ class Edited:
 
     @classmethod
     def from_config(cls, config):
-        base = {**config["base"], "build_config": config.get("build_config")}
-        obj = keras.saving.deserialize_keras_object(base)
-        for record in config["edits"]:
-            owner, old = _owner(obj, record["path"])
-            if "then" in record:
-                after = keras.saving.deserialize_keras_object(record["then"])
-                new = Then(old, after)
-            else:
-                new = keras.saving.deserialize_keras_object(record["layer"])
-            _keras.replace_sublayer(owner, old, new)
-        _mark(obj, config["edits"])
+        obj = keras.saving.deserialize_keras_object(config["base"])
+        _replay(obj, config["edits"])
+        if not obj.built and config.get("build_config"):
+            obj.build_from_config(config["build_config"])
         return obj
 
 
@@ -215,7 +227,8 @@ def cloner(edits: Sequence[Edit], base: Callable) -> Callable:
     ``edits`` is copied by `edit`, with the edits inside it; any other by ``base``."""
 
     def clone_op(op):
-        inside = {id(layer) for layer in _keras.all_layers(op)} if edits else set()
+        holds = edits and isinstance(op, keras.layers.Layer)
+        inside = {id(layer) for layer in _keras.all_layers(op)} if holds else set()
         mine = [e for e in edits if id(e[0]) in inside]
         return edit(op, mine) if mine else base(op)
 
