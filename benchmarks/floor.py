@@ -383,7 +383,18 @@ def _threads(backend: str) -> int | None:
 
 
 def _machine(device) -> str:
-    return f"{device.describe()}, {platform.system()} {platform.machine()}"
+    return f"{device.describe()}, {_cpu_name()}, {platform.system()} {platform.machine()}"
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows."""
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+        return next(
+            line.split(":", 1)[1].strip() for line in text.splitlines() if "model name" in line
+        )
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
 
 
 # ---- report ----------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import pathlib
 import platform
 
@@ -150,6 +151,18 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n\n" + caption + "\n"
 
 
+def _machine() -> str:
+    """The CPU's model name and cores, and the system (the statistics need no accelerator)."""
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+        name = next(
+            line.split(":", 1)[1].strip() for line in text.splitlines() if "model name" in line
+        )
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores, {platform.system()}"
+
+
 def _fmt(value) -> str:
     return str(value) if isinstance(value, int) else f"{value:+.2f}"
 
@@ -163,7 +176,7 @@ def main(argv=None) -> int:
     results = {
         "backend": keras.backend.backend(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.processor() or platform.machine()}, {platform.system()}",
+        "machine": _machine(),
         "multidrop": measure(layer_masks),
         "pcg64": measure(pcg64_masks),
     }

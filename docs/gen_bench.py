@@ -6,6 +6,10 @@ benchmark to refresh it:
     python -m benchmarks --quick        # or any other run; writes benchmarks/results/bench_*.json
     python docs/gen_bench.py
 
+It also refreshes the generated blocks of docs/kernel.md (between ``<!-- generated: NAME -->``
+and ``<!-- end: NAME -->``) from ``floor.json`` and ``mask_stats.json``: the floor table with its
+date and machine, the targets it decides, and the mask statistics next to numpy's PCG64.
+
 Each ``bench_<backend>.json`` becomes a table through the benchmark's own
 ``benchmarks.report.markdown``, headed with its date (the file's ``date`` field, else the
 file's modification time) and the machine and versions it records. Another benchmark's
@@ -49,7 +53,82 @@ def main() -> int:
             sections.append(_section(path, results, path.with_suffix(".md").read_text()))
     PAGE.write_text("\n".join(sections).rstrip() + "\n")
     print(f"wrote {PAGE.relative_to(ROOT)} from {len(sections) - 1} result files")
+    if (RESULTS / "floor.json").exists() and (RESULTS / "mask_stats.json").exists():
+        KERNEL.write_text(kernel_page(KERNEL.read_text()))
+        print(f"refreshed {KERNEL.relative_to(ROOT)} from floor.json and mask_stats.json")
     return 0
+
+
+KERNEL = ROOT / "docs" / "kernel.md"
+
+
+def kernel_page(page: str) -> str:
+    """``page`` with its generated blocks replaced: ``floor`` (benchmarks.floor's table),
+    ``targets`` (the kernel's targets, decided from the same rows) and ``masks``
+    (benchmarks.mask_stats' table)."""
+    import re
+
+    from benchmarks import floor, mask_stats
+
+    runs = json.loads((RESULTS / "floor.json").read_text())
+    masks = json.loads((RESULTS / "mask_stats.json").read_text())
+    blocks = {
+        "floor": f"Measured {_stamp(RESULTS / 'floor.json')}, {runs['machine']}, versions "
+        + ", ".join(f"{k} {v}" for k, v in runs["backends"]["torch"]["versions"].items())
+        + ".\n\n"
+        + floor.markdown(runs),
+        "targets": _targets(runs),
+        "masks": mask_stats.markdown(masks),
+    }
+    for name, text in blocks.items():
+        pattern = rf"(<!-- generated: {name} -->\n).*?(<!-- end: {name} -->)"
+        page, found = re.subn(
+            pattern, lambda m, t=text: m[1] + t.strip() + "\n" + m[2], page, flags=re.S
+        )
+        if not found:
+            raise SystemExit(f"{KERNEL.name} has no generated block {name!r}")
+    return page
+
+
+def _stamp(path: pathlib.Path) -> str:
+    return datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M UTC"
+    )
+
+
+def _targets(runs: dict) -> str:
+    """The floor targets of issue 21, each decided from the floor benchmark's medians."""
+
+    def ratios(backend, mode, over, low, high):
+        rows = [r for r in runs["backends"].get(backend, {}).get("rows", []) if r["mode"] == mode]
+        med = {r["elements"]: {v: s["median_ms"] for v, s in r["variants"].items()} for r in rows}
+        return {n: med[n]["multidrop"] / med[n][over] for n in sorted(med) if low <= n <= high}
+
+    big = 1 << 40
+    checks = [
+        ("torch eager: multidrop / floor from 1M", "torch", "eager", "floor", 1 << 20, big, 2.5),
+        (
+            "torch compiled: multidrop / floor from 1M",
+            "torch",
+            "compiled",
+            "floor",
+            1 << 20,
+            big,
+            2.5,
+        ),
+        ("JAX jit: multidrop / floor from 1M", "jax", "jit", "floor", 1 << 20, big, 3.0),
+        ("torch eager: multidrop / native from 64K", "torch", "eager", "native", 1 << 16, big, 1.0),
+        ("torch eager: multidrop / native at 4K, 16K", "torch", "eager", "native", 0, 1 << 14, 1.0),
+    ]
+    lines = ["| target | at most | measured | met |", "|---|---|---|---|"]
+    for label, backend, mode, over, low, high, limit in checks:
+        found = ratios(backend, mode, over, low, high)
+        if not found:
+            continue
+        cells = ", ".join(f"{n:,}: {r:.2f}" for n, r in found.items())
+        met = "yes" if max(found.values()) <= limit else "**no**"
+        lines.append(f"| {label} | {limit} | {cells} | {met} |")
+    return "\n".join(lines) + "\n"
 
 
 def _section(path: pathlib.Path, results: dict, table: str) -> str:

@@ -31,7 +31,8 @@ compiled on the first training call in a process (seconds; Inductor caches it on
 disk for the next process); where compiling fails it warns once and runs the
 same mask as int32 tensor ops. Under ``jit_compile=True``
 the function is traced into the model's graph instead. On JAX and TensorFlow
-the mask is a few ``keras.ops`` integer ops in one XLA-compiled function
+the mask is a few ``keras.ops`` integer ops (on JAX, ``jax.random``'s own
+Threefry primitive: the same bits) in one XLA-compiled function
 (``jax.jit``, ``tf.function(jit_compile=True)``), fused with the multiply even
 outside a compiled train step; there autodiff keeps what XLA decides (no
 mask-free backward).

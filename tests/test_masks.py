@@ -70,9 +70,9 @@ def test_masks_and_their_gradients_are_bitwise_equal_on_every_backend(drawn):
 def test_one_training_step_agrees_and_advances_every_seed(drawn):
     for backend in ("jax", "tensorflow"):
         np.testing.assert_array_equal(drawn[backend]["step_state"], drawn["torch"]["step_state"])
-        for name in ("step_loss", "step_weights"):
+        for name in ("step_loss", "step_weights"):  # weights up to ~10: float32 ulp ~1e-6
             np.testing.assert_allclose(
-                drawn[backend][name], drawn["torch"][name], rtol=1e-5, atol=1e-6
+                drawn[backend][name], drawn["torch"][name], rtol=1e-5, atol=1e-5
             )
     assert drawn["torch"]["step_state"].tolist() == [[5, 1], [6, 1]]
 
