@@ -242,16 +242,30 @@ def default_sample(model):
         return rng.random(sizes, dtype="float32")
 
     if "input_shape" in config:
-        return keras.tree.map_shape_structure(fill, config["input_shape"])
+        return keras.tree.map_shape_structure(fill, _plain(config["input_shape"]))
     if "shapes_dict" in config:
         shapes = config["shapes_dict"]
-        return _Call((), {k.removesuffix("_shape"): keras.tree.map_shape_structure(fill, v)
-                          for k, v in shapes.items()})
+        return _Call(
+            (),
+            {
+                k.removesuffix("_shape"): keras.tree.map_shape_structure(fill, _plain(v))
+                for k, v in shapes.items()
+            },
+        )
     raise ValueError(
         f"{type(model).__name__} '{model.name}' records no input shape, so multidrop cannot "
         "make inputs to read its call() with. Call it once on data, model(x), or pass "
         "sample=x."
     )
+
+
+def _plain(structure):
+    """Keras' tracked dicts and lists as plain ones (JAX traces no TrackedDict)."""
+    if isinstance(structure, dict):
+        return {k: _plain(v) for k, v in structure.items()}
+    if isinstance(structure, list):
+        return [_plain(v) for v in structure]
+    return structure
 
 
 def _tensors(structure) -> list:
