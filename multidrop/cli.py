@@ -57,7 +57,22 @@ def load_model(path: str):
         return keras.saving.load_model(file)
     except Exception as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "Could not locate class" in first:
+            first = first.split(". ")[0] + (
+                ". Register your classes with @keras.saving.register_keras_serializable() "
+                "and name their module with multidrop --import MODULE"
+            )
         raise UsageError(f"cannot load {path} as a Keras model: {first}") from error
+
+
+def _import(module: str) -> None:
+    try:
+        importlib.import_module(module)
+    except ImportError as error:
+        raise UsageError(
+            f"--import {module}: {error}; give a module on your PYTHONPATH (run multidrop "
+            "from the folder that holds it)"
+        ) from error
 
 
 def parse_rate(text: str):
@@ -169,7 +184,12 @@ def cmd_verify(args) -> int:
     status = rich.console.Console(stderr=True).status(f"verifying on {', '.join(backends)}")
     with status:
         report = multidrop.cross_backend(
-            args.model, backends, tolerances=tolerances, edit=args.edit, **options
+            args.model,
+            backends,
+            tolerances=tolerances,
+            edit=args.edit,
+            modules=args.modules,
+            **options,
         )
     print(report)
     if args.json:
@@ -318,6 +338,14 @@ def cmd_demo_search(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multidrop", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--import",
+        dest="modules",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first: where the classes of a subclassed model are registered",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     plan = commands.add_parser("plan", help="print where dropout would go (a dry run)")
@@ -446,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        for module in args.modules:
+            _import(module)
         return args.run(args)
     except (UsageError, ValueError, TypeError) as error:
         message = " ".join(str(error).split())  # one line, even for Keras' multi-line errors

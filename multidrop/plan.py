@@ -114,7 +114,13 @@ class Plan(Sequence):
         return table
 
     def saved_as(self) -> str:
-        """A note for the layers multidrop makes that are saved under a Keras name."""
+        """How the result saves: edits inside a ``call()`` need multidrop to load; the
+        layers multidrop makes in a graph are saved under a Keras name."""
+        if any(isinstance(s.call.node, probe.ProbeNode) for s in self.sites):
+            return (
+                "edits inside call() are saved as multidrop>Edited: the file loads back with "
+                "them after import multidrop (and your classes registered)"
+            )
         inner = {type(getattr(s.layer, "layer", s.layer)) for s in self.sites}
         names = {
             cls: _keras.saved_name(cls) for cls in inner if cls.__module__.startswith("multidrop")

@@ -14,7 +14,7 @@ power) is failed by the next worker that looks and queued again by
 ``RetryHeartbeatStaleTrialCallback``, with the seeds it had finished (they are user attributes of
 the trial, copied to the retry). The search that started the dead worker starts a new one.
 
-Memory: a worker that has grown by more than ``RSS_GROWTH_MB`` since its first trial ends
+Memory: a worker that has grown by more than ``RSS_GROWTH_MB`` since its first training ends
 after the trial in hand, and its search starts a fresh one (TensorFlow keeps about 12 MB
 of traced graphs per trained model; PyTorch and JAX stay flat, so there a worker lives to
 the end of the search).
@@ -267,8 +267,9 @@ def work(folder: pathlib.Path) -> int:
         states = {t.state for t in trials}
         if optuna.trial.TrialState.WAITING in states:
             study.optimize(lambda trial: queued_only(run, study, trial), n_trials=1)
-            first = first or rss_mb()
-            if rss_mb() - first > RSS_GROWTH_MB:
+            if first is None and run.trained:  # after its first training: imports, kernels
+                first = rss_mb()
+            elif first is not None and rss_mb() - first > RSS_GROWTH_MB:
                 return RECYCLED
         elif optuna.trial.TrialState.RUNNING not in states:
             print(f"search worker: {left} failed too often; see the errors above", flush=True)

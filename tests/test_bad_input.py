@@ -72,8 +72,8 @@ CASES = [
          TypeError, r"got str.*keras\.saving\.load_model"),
     case("model-layer", lambda: layers.Dense(3), lambda m: insert(m, 0.2),
          TypeError, r"must be a keras\.Model, got Dense"),
-    case("subclassed", subclassed, lambda m: insert(m, 0.2),
-         TypeError, r"subclassed model \(Net\); only Functional and Sequential graphs"),
+    case("subclassed-unbuilt", lambda: type(subclassed())(), lambda m: insert(m, 0.2),
+         ValueError, r"Subclassed model 'net' \(Net\) is not built.*model\(x\)"),
     case("unbuilt-sequential", unbuilt, lambda m: insert(m, 0.2),
          ValueError, r"'unbuilt' is not built.*keras\.Input\(shape=\.\.\.\)"),
     case("rate-bool", mlp, lambda m: insert(m, True),
@@ -259,7 +259,7 @@ FILES = {
     "layer-not-model": ("layer", r"`model` must be a keras\.Model, got ReLU"),
     "subclassed-unregistered": (
         "subclassed",
-        r"cannot load .* as a Keras model: Could not locate class 'Net'",
+        r"cannot load .* as a Keras model: Could not locate class 'Net'.*--import",
     ),
 }
 

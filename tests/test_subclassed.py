@@ -7,6 +7,7 @@ a training step that leaves the original untouched, and remove_dropout back to t
 original, bitwise.
 """
 
+import pathlib
 import warnings
 
 import keras
@@ -325,3 +326,27 @@ def test_sample_reads_a_call_that_random_floats_cannot():
     ids = np.array([[1, 2, 3], [4, 5, 6]], "int32")
     rewired = multidrop.insert_dropout(model, 0.2, sample=ids)
     assert_identical(rewired(ids, training=False), model(ids, training=False))
+
+
+def test_the_command_line_edits_a_saved_subclassed_model(tmp_path, capsys):
+    from multidrop import cli
+
+    model, x = FACTORIES["mlp"]()
+    model.save(tmp_path / "mlp.keras")
+    argv = ["--import", "corpus", "insert", str(tmp_path / "mlp.keras"), "-o"]
+    assert cli.main([*argv, str(tmp_path / "out.keras"), "--rate", "0.2"]) == 0
+    rewired = load(tmp_path / "out.keras")
+    assert isinstance(rewired, MLP) and len(thens(rewired)) == 2
+    assert_identical(rewired(x, training=False), model(x, training=False))
+    assert cli.main(["--import", "no_such_module", "plan", str(tmp_path / "mlp.keras")]) == 2
+    assert "--import no_such_module" in capsys.readouterr().err
+
+
+@pytest.mark.crossbackend
+def test_cross_backend_on_a_saved_subclassed_model(tmp_path, monkeypatch):
+    model, x = FACTORIES["seq2seq"]()
+    model.save(tmp_path / "seq2seq.keras")
+    monkeypatch.setenv("PYTHONPATH", str(pathlib.Path(__file__).parent))  # where corpus lives
+    report = multidrop.cross_backend(tmp_path / "seq2seq.keras", x=x, rate=0.2, modules=["corpus"])
+    print(report)
+    assert report.ok and [r.status for r in report.runs] == ["ok"] * 3

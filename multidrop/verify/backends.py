@@ -208,6 +208,7 @@ def cross_backend(
     x=None,
     tolerances: dict | None = None,
     edit: str = "insert",
+    modules: Sequence[str] = (),
     **insert_options,
 ) -> CrossBackendReport:
     """Rewire and verify one saved model on several Keras backends, then compare them.
@@ -228,6 +229,9 @@ def cross_backend(
         x: the shared input, as the model takes it.
         tolerances: ``{"atol": ..., "rtol": ...}`` overriding either default.
         edit: ``"insert"`` runs `insert_dropout`, ``"set"`` runs `set_dropout`.
+        modules: modules each subprocess imports before it loads the model: where the
+            classes of a subclassed model or custom layer are registered
+            (``@keras.saving.register_keras_serializable``), e.g. ``("my_models",)``.
         **insert_options: the options of that edit (`multidrop.options.Options`, or
             `multidrop.options.SetOptions` for ``"set"``; ``rate`` is required), checked
             here. They cross process boundaries, so they must pickle: use
@@ -242,6 +246,9 @@ def cross_backend(
         >>> assert report.ok, report
     """
     backends = _check_backends(backends)
+    modules = tuple(modules)
+    for module in modules:
+        importlib.import_module(module)  # here too: this process loads the file first
     if edit not in EDITS:
         raise ValueError(f"edit={edit!r}: choose 'insert' (insert_dropout) or 'set' (set_dropout).")
     opts = options.build(EDITS[edit], "cross_backend", **insert_options)
@@ -254,7 +261,7 @@ def cross_backend(
         _dump_options(opts, tmp / OPTIONS)
         dtype = working_dtype(model)
         atol, rtol, source = _tolerances(dtype, tolerances)
-        runs = _run_all(backends, path, tmp)
+        runs = _run_all(backends, path, tmp, modules)
 
     ran = [r for r in runs if r.status in ("ok", "mismatch")]
     pairs = tuple(_pair(a, b, atol, rtol) for a, b in itertools.combinations(ran, 2))
@@ -310,7 +317,8 @@ def working_dtype(model) -> str:
         for layer in _keras.all_layers(model)
         if not isinstance(layer, keras.layers.InputLayer)
     }
-    dtypes |= {keras.backend.standardize_dtype(t.dtype) for t in graph.graph_of(model).outputs}
+    if graph.is_graph_model(model):
+        dtypes |= {keras.backend.standardize_dtype(t.dtype) for t in graph.graph_of(model).outputs}
     floats = [d for d in TOLERANCES if d in dtypes]  # TOLERANCES runs from most to least precise
     return floats[-1] if floats else "float32"
 
@@ -331,7 +339,7 @@ def _tolerances(dtype: str, override) -> tuple[float, float, str]:
     return float(override.get("atol", atol)), float(override.get("rtol", rtol)), source
 
 
-def _run_all(backends, path, tmp) -> list[BackendRun]:
+def _run_all(backends, path, tmp, modules=()) -> list[BackendRun]:
     """Start one worker per installed backend, all at once, and collect their runs."""
     with contextlib.ExitStack() as logs:
         started = {}
@@ -347,6 +355,7 @@ def _run_all(backends, path, tmp) -> list[BackendRun]:
                 str(path),
                 str(tmp),
                 backend,
+                *modules,
             ]
             process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
             started[backend] = (process, time.perf_counter())

@@ -67,11 +67,18 @@ def sample_inputs(model: keras.Model, *, batch_size: int = 2, seed: int = 0):
 
 def pack(model, arrays: list):
     """``arrays``, one per input of ``model`` in order, nested as ``model`` takes them."""
-    return keras.tree.pack_sequence_as(graph.inputs_struct(model), arrays)
+    return keras.tree.pack_sequence_as(_structure(model), arrays)
+
+
+def _structure(model):
+    """A graph model's inputs; for a subclassed model, those it is read with (its probe's)."""
+    return graph.inputs_struct(model) if graph.is_graph_model(model) else probe.sample_of(model)
 
 
 def flat_inputs(model, x) -> list[np.ndarray]:
     """``x`` as a list of numpy arrays in the order of ``model.inputs``."""
+    if not graph.is_graph_model(model):
+        return [keras.ops.convert_to_numpy(a) for a in keras.tree.flatten(x)]
     inputs = graph.graph_of(model).inputs
     if isinstance(x, dict) and not isinstance(graph.inputs_struct(model), dict):
         x = [x[t.name] for t in inputs]

@@ -1,4 +1,5 @@
-"""One backend's side of `cross_backend`: ``python -m multidrop.verify.worker MODEL TMP BACKEND``.
+"""One backend's side of `cross_backend`: ``python -m multidrop.verify.worker MODEL TMP BACKEND
+[MODULE...]``.
 
 `cross_backend` starts one worker per backend, with ``KERAS_BACKEND`` set. The
 worker loads the ``.keras`` file MODEL, inserts dropout with the `Options`
@@ -26,13 +27,14 @@ from multidrop.options import SetOptions
 from multidrop.verify import backends, compare, inputs
 
 
-def main(model_path: str, tmp: str, backend: str) -> None:
+def main(model_path: str, tmp: str, backend: str, *modules: str) -> None:
     """Load, rewire, verify, and write the `BackendRun` to ``backends.result_path(tmp, backend)``.
 
     Args:
         model_path: the ``.keras`` file.
         tmp: the folder `cross_backend` shares with its workers.
         backend: the backend this process must run, as ``KERAS_BACKEND`` names it.
+        modules: imported before the model loads (where its classes are registered).
 
     Example:
         >>> main("model.keras", "/tmp/run", "torch")   # in a process with KERAS_BACKEND=torch
@@ -41,6 +43,8 @@ def main(model_path: str, tmp: str, backend: str) -> None:
     backends.started_path(tmp, backend).touch()
     if keras.backend.backend() != backend:
         raise RuntimeError(f"KERAS_BACKEND={backend} but Keras runs {keras.backend.backend()}")
+    for module in modules:
+        importlib.import_module(module)
     model = keras.saving.load_model(model_path)
     opts = pickle.loads((tmp / backends.OPTIONS).read_bytes())
     with np.load(tmp / backends.INPUTS) as arrays:
