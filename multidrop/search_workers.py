@@ -14,10 +14,10 @@ power) is failed by the next worker that looks and queued again by
 ``RetryHeartbeatStaleTrialCallback``, with the seeds it had finished (they are user attributes of
 the trial, copied to the retry). The search that started the dead worker starts a new one.
 
-Memory: a worker that has grown by more than ``RSS_GROWTH_MB`` since its first training ends
-after the trial in hand, and its search starts a fresh one (TensorFlow keeps about 12 MB
-of traced graphs per trained model; PyTorch and JAX stay flat, so there a worker lives to
-the end of the search).
+Memory: a worker that has grown by more than ``RSS_GROWTH_MB`` since its first training
+with dropout (its kernels built) ends after the trial in hand, and its search starts a
+fresh one (TensorFlow keeps about 12 MB of traced graphs per trained model; PyTorch and
+JAX stay flat, so there a worker lives to the end of the search).
 
 Example:
     >>> result = multidrop.search(model, train, validation, where={"all": "activations"},
@@ -255,7 +255,7 @@ def work(folder: pathlib.Path) -> int:
         sampler=optuna.samplers.RandomSampler(),
     )
     grid = [(p, r) for p in run.where for r in run.rates]
-    run.note, run.call = f"  (worker {os.getpid()})", job["call"]
+    run.note, run.call, run.warm = f"  (worker {os.getpid()})", job["call"], False
     run.shared = lambda trial: wait_and_read(run, study, trial)
     first = None
     while True:
@@ -267,7 +267,7 @@ def work(folder: pathlib.Path) -> int:
         states = {t.state for t in trials}
         if optuna.trial.TrialState.WAITING in states:
             study.optimize(lambda trial: queued_only(run, study, trial), n_trials=1)
-            if first is None and run.trained:  # after its first training: imports, kernels
+            if first is None and run.warm:  # after a first training with dropout: kernels built
                 first = rss_mb()
             elif first is not None and rss_mb() - first > RSS_GROWTH_MB:
                 return RECYCLED
@@ -286,7 +286,9 @@ def queued_only(run, study, trial) -> float:
     if "fixed_params" not in study._storage.get_trial_system_attrs(trial._trial_id):
         raise optuna.TrialPruned()
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    trained = run.trained
     value = run.trial(trial)
+    run.warm = run.warm or (run.trained > trained and trial.params["rate"] > 0)
     trial.set_user_attr("rss_mb", round(rss_mb(), 1))  # for benchmarks/search_memory.py
     return value
 
