@@ -56,7 +56,7 @@ def train_step(model, x, seed=0):
         lambda t: np.random.default_rng(seed).normal(size=t.shape).astype("float32"),
         to_numpy(model(x, training=False)),
     )
-    model.compile(optimizer="sgd", loss="mse", metrics=[])
+    model.compile(optimizer="sgd", loss="mse", metrics=[], jit_compile=False)  # one step: no compile
     model.fit(x, y, epochs=1, batch_size=len(keras.tree.flatten(x)[0]), shuffle=False, verbose=0)
 
 
