@@ -165,6 +165,25 @@ def test_a_resumed_search_trains_only_what_is_missing(searched, data, tmp_path, 
         ({"n_trials": 3}, ValueError, r"n_trials=3 is for strategy='random' or 'bayes'"),
         ({"seeds": 0}, ValueError, r"seeds must be .*got 0"),
         ({"kind": "spotty"}, ValueError, r"Unknown dropout kind='spotty'"),
+        ({"workers": 0}, ValueError, r"workers must be .*got 0"),
+        ({"storage": 5}, TypeError, r"storage must be a database URL string or None, got 5"),
+        ({"storage": "db.sqlite"}, ValueError, r"storage='db.sqlite' is not a database URL"),
+        (
+            {"storage": "postgresql+psycopg://me:secret@127.0.0.1:1/db"},  # nothing listens
+            ValueError,
+            r"storage='postgresql\+psycopg://me:\*\*\*@127.0.0.1:1/db' cannot be used: "
+            r"OperationalError: .*refused.* Check that the server is running and reachable",
+        ),
+        (
+            {"strategy": "bayes", "n_trials": 2, "workers": 2},
+            ValueError,
+            r"strategy='bayes' runs in one process; workers and storage share a grid",
+        ),
+        (
+            {"where": {"h": select.where(lambda call: True)}, "workers": 2},
+            ValueError,
+            r"where\['h'\] = .* cannot be sent to worker processes",
+        ),
     ],
 )
 def test_bad_input_is_refused_before_any_training(change, error, message, data, monkeypatch):
