@@ -1,79 +1,127 @@
-"""Does memory stay flat across search trials? RSS of one `multidrop.search` over 20 trainings.
+"""Does memory stay flat across search trials? Worker RSS over 60 trials of the digits CNN.
 
-The bundled digits CNN is fine-tuned 20 times (20 rates x 1 seed, a grid) on 300
-digits for 2 epochs. The resident set size is read from ``/proc/self/statm``
-after every training; a first, separate search of 2 trainings warms up imports,
-kernels and allocator pools, so the numbers are the search's own growth.
+The bundled digits CNN is fine-tuned once per trial (60 rates x 1 seed, a grid) on 300
+digits for 2 epochs, by ``multidrop.search(..., storage=<a SQLite file>, workers=1)``.
+Each worker process records its resident set size after every trial (the trial's
+``rss_mb`` attribute); a worker that has grown by more than
+``search_workers.RSS_GROWTH_MB`` after its warm-up (``WARM_UP`` trials) is replaced by
+a fresh one. The table gives, per worker process, its trials and its growth from the
+reading after its warm-up to its largest reading. ``--in-process`` measures the same
+trials run in this process instead (no storage, no workers), where nothing is replaced.
 
 Example:
-    $ KERAS_BACKEND=jax python -m benchmarks.search_memory
+    $ KERAS_BACKEND=tensorflow python -m benchmarks.search_memory --json memory.json
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
-import os
-import resource
+import json
+import pathlib
+import tempfile
 
 import keras
 import numpy as np
+import optuna
 
+from multidrop import search_workers
 from multidrop.demo import digits
 from multidrop.search import search
 
 search_module = importlib.import_module("multidrop.search")  # the module, not the function
 
-TRIALS = 20
 
-
-def rss_mb() -> float:
-    """Resident memory of this process now (peak instead where /proc is missing)."""
-    try:
-        with open("/proc/self/statm") as file:
-            return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def main() -> None:
+def setup(trials: int):
     model = keras.saving.load_model(digits.MODEL_PATH)
     (x, y), validation, _ = digits.load()
-    train = (x[:300], y[:300])
+    rates = [round(0.005 + 0.01 * i, 3) for i in range(trials)]
     options = dict(
         where={"all": "activations"},
         loss="sparse_categorical_crossentropy",
         epochs=2,
         batch_size=32,
+        rates=rates,
     )
-    search(model, train, validation, rates=[0.0, 0.1], **options)  # warm-up
+    return model, (x[:300], y[:300]), validation, options
 
-    readings = []
-    trial = search_module._Search.trial
+
+def in_workers(trials: int) -> list[dict]:
+    """One row per worker process: trials, RSS after its first, its warm-up, at its largest."""
+    model, train, validation, options = setup(trials)
+    with tempfile.TemporaryDirectory() as folder:
+        url = f"sqlite:///{folder}/memory.db"
+        result = search(model, train, validation, **options, storage=url, workers=1)
+        store = search_workers.storage(url)
+        done = optuna.load_study(study_name="multidrop-search", storage=store).get_trials()
+        store.engine.dispose()
+    assert result.trained == trials
+    workers: dict[str, list] = {}
+    for trial in sorted(done, key=lambda t: t.datetime_complete or t.datetime_start):
+        if "rss_mb" in trial.user_attrs:
+            workers.setdefault(trial.user_attrs["worker"], []).append(trial.user_attrs["rss_mb"])
+    warm = search_workers.WARM_UP  # the growth counts from the reading after the warm-up
+    return [
+        {
+            "worker": w,
+            "trials": len(r),
+            "first_mb": r[0],
+            "warm_mb": r[min(warm, len(r)) - 1],
+            "max_mb": max(r),
+            "growth_mb": max(r) - r[min(warm, len(r)) - 1],
+        }
+        for w, r in workers.items()
+    ]
+
+
+def in_process(trials: int) -> dict:
+    """The same trials in this process: RSS after the first trial and after the last."""
+    model, train, validation, options = setup(trials)
+    readings, trial = [], search_module._Search.trial
 
     def measured_trial(self, optuna_trial):  # the clone is freed when a trial returns
         value = trial(self, optuna_trial)
-        readings.append(rss_mb())
+        readings.append(search_workers.rss_mb())
         return value
 
     search_module._Search.trial = measured_trial
-    start = rss_mb()
     try:
-        rates = [round(0.01 + 0.04 * i, 2) for i in range(TRIALS)]
-        result = search(model, train, validation, rates=rates, **options)
+        search(model, train, validation, **options)
     finally:
         search_module._Search.trial = trial
-    assert result.trained == len(readings) == TRIALS
-    slope = np.polyfit(np.arange(TRIALS), readings, 1)[0]
-    print(
-        f"backend {keras.backend.backend()}: RSS {start:.0f} MB before the search; after "
-        f"trial 1 {readings[0]:.0f} MB, after trial {TRIALS} {readings[-1]:.0f} MB"
-    )
-    print(
-        f"growth over {TRIALS} trials: {readings[-1] - start:+.1f} MB from before the search, "
-        f"{readings[-1] - readings[0]:+.1f} MB from trial 1 to {TRIALS} "
-        f"(fitted slope {slope:+.2f} MB per trial)"
-    )
-    print("per trial (MB):", " ".join(f"{r:.0f}" for r in readings))
+    slope = float(np.polyfit(np.arange(len(readings)), readings, 1)[0])
+    return {"trials": len(readings), "first_mb": readings[0], "last_mb": readings[-1],
+            "growth_mb": readings[-1] - readings[0], "slope_mb_per_trial": slope}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=60)
+    parser.add_argument("--in-process", action="store_true", help="no workers: this process")
+    parser.add_argument("--json", help="write the numbers here")
+    args = parser.parse_args()
+    backend = keras.backend.backend()
+    if args.in_process:
+        report = {"backend": backend, "mode": "in-process", **in_process(args.trials)}
+        print(
+            f"{backend}, in this process: {report['first_mb']:.0f} MB after trial 1, "
+            f"{report['last_mb']:.0f} MB after trial {report['trials']} "
+            f"({report['growth_mb']:+.1f} MB, {report['slope_mb_per_trial']:+.2f} MB per trial)"
+        )
+    else:
+        rows = in_workers(args.trials)
+        report = {"backend": backend, "mode": "workers", "trials": args.trials,
+                  "rss_growth_limit_mb": search_workers.RSS_GROWTH_MB, "workers": rows}  # fmt: skip
+        print(f"{backend}, {args.trials} trials, workers replaced past "
+              f"+{search_workers.RSS_GROWTH_MB} MB:")  # fmt: skip
+        for row in rows:
+            print(f"  worker {row['worker']}: {row['trials']} trials, {row['first_mb']:.0f} MB "
+                  f"after its first, {row['warm_mb']:.0f} MB after its warm-up, at most "
+                  f"{row['max_mb']:.0f} MB "
+                  f"({row['growth_mb']:+.1f} MB)")  # fmt: skip
+        print(f"largest growth of one worker: {max(r['growth_mb'] for r in rows):+.1f} MB")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

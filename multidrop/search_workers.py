@@ -14,10 +14,10 @@ power) is failed by the next worker that looks and queued again by
 ``RetryHeartbeatStaleTrialCallback``, with the seeds it had finished (they are user attributes of
 the trial, copied to the retry). The search that started the dead worker starts a new one.
 
-Memory: a worker that has grown by more than ``RSS_GROWTH_MB`` since its first training
-with dropout (its kernels built) ends after the trial in hand, and its search starts a
-fresh one (TensorFlow keeps about 12 MB of traced graphs per trained model; PyTorch and
-JAX stay flat, so there a worker lives to the end of the search).
+Memory: a worker that has grown by more than ``RSS_GROWTH_MB`` since its warm-up (its
+first ``WARM_UP`` trials with dropout, which build kernels and caches) ends after the
+trial in hand, and its search starts a fresh one (TensorFlow keeps about 12 MB of traced
+graphs per trained model; PyTorch stays flat).
 
 Example:
     >>> result = multidrop.search(model, train, validation, where={"all": "activations"},
@@ -42,7 +42,8 @@ import warnings
 
 # Seconds: a running trial's beat, and how old a beat may get before the trial is queued again.
 HEARTBEAT, GRACE = map(int, os.environ.get("MULTIDROP_SEARCH_HEARTBEAT", "5,20").split(","))
-RSS_GROWTH_MB = 30  # a worker grown by more than this since its first trial is replaced
+RSS_GROWTH_MB = 30  # a worker grown by more than this after its warm-up is replaced
+WARM_UP = 2  # trials with dropout trained before the growth counts (JAX: +65 MB in the 2nd)
 RECYCLED = 3  # a worker's exit status when it ends to be replaced
 POLL = 0.5  # seconds between looks at the workers and the queue
 
@@ -255,7 +256,7 @@ def work(folder: pathlib.Path) -> int:
         sampler=optuna.samplers.RandomSampler(),
     )
     grid = [(p, r) for p in run.where for r in run.rates]
-    run.note, run.call, run.warm = f"  (worker {os.getpid()})", job["call"], False
+    run.note, run.call, run.warm = f"  (worker {os.getpid()})", job["call"], 0
     run.shared = lambda trial: wait_and_read(run, study, trial)
     first = None
     while True:
@@ -267,7 +268,7 @@ def work(folder: pathlib.Path) -> int:
         states = {t.state for t in trials}
         if optuna.trial.TrialState.WAITING in states:
             study.optimize(lambda trial: queued_only(run, study, trial), n_trials=1)
-            if first is None and run.warm:  # after a first training with dropout: kernels built
+            if first is None and run.warm >= WARM_UP:  # kernels and caches built
                 first = rss_mb()
             elif first is not None and rss_mb() - first > RSS_GROWTH_MB:
                 return RECYCLED
@@ -288,7 +289,7 @@ def queued_only(run, study, trial) -> float:
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trained = run.trained
     value = run.trial(trial)
-    run.warm = run.warm or (run.trained > trained and trial.params["rate"] > 0)
+    run.warm += run.trained > trained and trial.params["rate"] > 0
     trial.set_user_attr("rss_mb", round(rss_mb(), 1))  # for benchmarks/search_memory.py
     return value
 
