@@ -164,8 +164,8 @@ def test_varying_batch_sizes_and_rates_trace_nothing_again():
     logger = logging.getLogger("tensorflow")
     logger.addHandler(handler)
     try:
-        for i, batch in enumerate(range(1, 9)):
-            shape, rate = (batch, 5) if i % 2 else (batch, 3, 2), 0.1 + 0.1 * i
+        for i, batch in enumerate(range(1, 13)):  # the previous kernel logged retracing here
+            shape, rate = (batch, 5) if i % 2 else (batch, 3, 2), 0.1 + 0.05 * i
             x = _inputs(shape)
             y = Dropout(rate, seed=i)(x, training=True)
             expected = x * reference_mask(shape, rate, i, 0)
