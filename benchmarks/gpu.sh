@@ -26,7 +26,7 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, log the end of 
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$LOG"
-$PY -c "import torch, jax, keras; print('torch', torch.__version__, 'jax', jax.__version__, \
+KERAS_BACKEND=torch $PY -c "import torch, jax, keras; print('torch', torch.__version__, 'jax', jax.__version__, \
 'keras', keras.__version__, 'cuda', torch.cuda.is_available(), jax.devices())" 2>&1 | tee -a "$LOG"
 
 TESTS=(tests/test_dropout.py tests/test_masks.py tests/test_mask_stats.py)
@@ -35,16 +35,17 @@ step 100 "torch: kernel tests on the GPU" env KERAS_BACKEND=torch \
 step 60 "jax: kernel tests on the GPU" env KERAS_BACKEND=jax \
     $PY -m pytest -q -p no:cacheprovider -m "not crossbackend" "${TESTS[@]}"
 
-SIZES=4096,65536,1048576,16777216,67108864,268435456
+SIZES=${SIZES:-4096,65536,1048576,16777216,67108864,268435456}
+REPS=${REPS:-5}
 step 130 "floor: torch eager and compiled, 4K..256M" env KERAS_BACKEND=torch \
-    $PY -m benchmarks.floor --backend torch --sizes $SIZES --reps 5 --out "$OUT/floor_torch"
+    $PY -m benchmarks.floor --backend torch --sizes $SIZES --reps $REPS --out "$OUT/floor_torch"
 step 60 "floor: jax jit, 4K..256M" env KERAS_BACKEND=jax \
-    $PY -m benchmarks.floor --backend jax --sizes $SIZES --reps 5 --out "$OUT/floor_jax"
+    $PY -m benchmarks.floor --backend jax --sizes $SIZES --reps $REPS --out "$OUT/floor_jax"
 
 step 130 "models: torch, gpu sizes" env KERAS_BACKEND=torch $PY -m benchmarks --backend torch \
-    --models mlp,cnn,transformer,resnet50 --size gpu --reps 5 --out "$OUT/bench"
+    --models ${TORCH_MODELS:-mlp,cnn,transformer,resnet50} --size gpu --reps $REPS --out "$OUT/bench"
 step 60 "models: jax, gpu sizes" env KERAS_BACKEND=jax $PY -m benchmarks --backend jax \
-    --models mlp,cnn,transformer --size gpu --reps 5 --out "$OUT/bench"
+    --models ${JAX_MODELS:-mlp,cnn,transformer} --size gpu --reps $REPS --out "$OUT/bench"
 
 rm -f "$OUT"/floor_*/floor.png "$OUT"/bench/*.png  # regenerated from the JSON here
 ls -R "$OUT" | tee -a "$LOG"

@@ -336,8 +336,10 @@ if BACKEND == "torch":
         @staticmethod
         def forward(ctx, x, state, rate):
             """``(x * mask, next state)``."""
-            # detached: the kernel is compiled for tensors that do not require grad
-            y, after, before = _run(x.detach().reshape(-1), state.detach(), *_constants(rate, x))
+            # detached: the kernel is compiled for tensors that do not require grad; the state
+            # (8 bytes) goes where x is, as Keras' own ops take a CPU tensor on a GPU machine
+            state = state.detach().to(x.device)
+            y, after, before = _run(x.detach().reshape(-1), state, *_constants(rate, x))
             ctx.save_for_backward(before)
             ctx.rate, ctx.shape = rate, x.shape
             ctx.mark_non_differentiable(after)
