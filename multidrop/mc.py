@@ -182,8 +182,12 @@ def _mc_view(model, consistent: bool = False) -> _View:
             if isinstance(c.node, probe.ProbeNode)
         ]
         touch = [c.node for c in sampled if not isinstance(c.node, probe.ProbeNode)]
-        clone = lambda op: _always_on(op, dropouts, consistent)  # noqa: E731
-        view = edit(model, inside=inside, clone=clone, touch=touch)
+        view = edit(
+            model,
+            inside=inside,
+            clone=lambda op: _always_on(op, dropouts, consistent),
+            touch=touch,
+        )
         if not any(isinstance(layer, MonteCarlo) for layer in _keras.all_layers(view)):
             raise ValueError(
                 f"Model '{model.name}' has no dropout layers in its graph, so every Monte "

@@ -233,7 +233,8 @@ def _skipped_note(calls, mc: bool) -> str:
     parts += [f"{after} calls after a call with training=False are skipped"] * bool(after)
     refused = [c for c in calls if getattr(c.node, "reason", None)]
     if refused:
-        parts.append(f"{len(refused)} calls inside call() cannot take one ({refused[0].node.reason})")
+        first = refused[0].node.reason
+        parts.append(f"{len(refused)} calls inside call() cannot take one ({first})")
     return "; ".join(parts)
 
 

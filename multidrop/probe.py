@@ -386,8 +386,11 @@ def _branch_ends(record: Record, children: list[Record]) -> set[int]:
                 continue
             total = value(t)
             if any(
-                x is not d and x.dtype == d.dtype and x.shape == d.shape
-                and np.array_equal(total, d + x) and not np.array_equal(total, x)
+                x is not d
+                and x.dtype == d.dtype
+                and x.shape == d.shape
+                and np.array_equal(total, d + x)
+                and not np.array_equal(total, x)
                 for x in earlier
             ):
                 ends.add(i)

@@ -131,9 +131,11 @@ def _rebuilt_within(after: dict, drop: list, touch, clone) -> list:
         for n in mine:
             del after[n]
         drop[:] = [n for n in drop if id(n) not in nodes]
-        edits.append(
-            (owner, nested, lambda _, m=nested, a=mine, d=gone: edit(m, after=a, drop=d, clone=clone))
-        )
+
+        def rebuilt(_, m=nested, a=mine, d=gone):
+            return edit(m, after=a, drop=d, clone=clone)
+
+        edits.append((owner, nested, rebuilt))
     return edits
 
 

@@ -13,7 +13,6 @@ import keras
 import keras_hub
 import numpy as np
 from keras import layers, ops
-
 from models import randomize
 
 register = keras.saving.register_keras_serializable(package="corpus")

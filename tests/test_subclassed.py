@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import assert_identical, assert_snapshot_equal, snapshot, to_numpy
 from corpus import FACTORIES, MLP, register
-from keras import layers, ops
+from keras import layers
 
 import multidrop
 from multidrop import _keras, graph, probe, select
@@ -56,7 +56,8 @@ def train_step(model, x, seed=0):
         lambda t: np.random.default_rng(seed).normal(size=t.shape).astype("float32"),
         to_numpy(model(x, training=False)),
     )
-    model.compile(optimizer="sgd", loss="mse", metrics=[], jit_compile=False)  # one step: no compile
+    # One eager step: no compile (on JAX, XLA's would cost more than the step).
+    model.compile(optimizer="sgd", loss="mse", metrics=[], jit_compile=False)
     model.fit(x, y, epochs=1, batch_size=len(keras.tree.flatten(x)[0]), shuffle=False, verbose=0)
 
 
@@ -104,7 +105,8 @@ def test_edited_from_the_inside(name, tmp_path):
     assert type(restored) is type(model) and not thens(restored)
     assert_identical(restored(x, training=False), expected)
 
-    # Dropout is active in training (BatchNormalization's moving averages move too): two training calls differ.
+    # Dropout is active in training: two training calls differ (BatchNormalization's
+    # moving averages move too, hence last but one).
     first, second = to_numpy(rewired(x, training=True)), to_numpy(rewired(x, training=True))
     assert any(not np.array_equal(a, b) for a, b in zip(*map(keras.tree.flatten, (first, second))))
 
@@ -188,7 +190,7 @@ def test_set_dropout_inside_a_call():
 
 
 def test_a_sublayer_called_twice_is_one_site_after_every_call():
-    model, x = FACTORIES["heads"]()
+    model, _ = FACTORIES["heads"]()
     plan = multidrop.plan(model, 0.2, where=select.regex("heads/"))
     shared = [s for s in plan if s.call.node.calls == 2]
     assert len(shared) == 1 and "(all 2 calls)" in str(plan)
