@@ -111,6 +111,8 @@ def start(job: pathlib.Path, count: int, study, grid: list[tuple], verbose: bool
     """
     import keras
 
+    # Threads as in this process: fewer threads per worker would be faster on few cores, but
+    # PyTorch's CPU results change with the thread count, and the tables must not.
     env = {**os.environ, "KERAS_BACKEND": keras.backend.backend()}
     command = [sys.executable, "-c", "import multidrop.search_workers as w; w.main()", job]
     running = [subprocess.Popen(command, env=env) for _ in range(count)]
