@@ -155,8 +155,8 @@ def missing(study, grid: list[tuple]) -> list[tuple]:
 
 
 def point(trial) -> tuple | None:
-    """A trial's (placement, rate), or None before it has both."""
-    params = trial.params
+    """A trial's (placement, rate): its parameters, or those it was queued with; else None."""
+    params = trial.params if len(trial.params) == 2 else trial.system_attrs.get("fixed_params", {})
     return (params["placement"], params["rate"]) if len(params) == 2 else None
 
 
