@@ -156,8 +156,14 @@ def test_a_killed_worker_is_replaced_and_a_stopped_search_resumes(three, data, t
 
     def kill_one():  # a worker of the resumed search, in a trial
         new = len(before)  # a trial of the resumed search, not one the stop left running
+        stopped_worker = first.user_attrs["worker"]  # a retry inherits it until it runs
         trial = wait(
-            url, lambda t: t.state == RUNNING and "worker" in t.user_attrs and t.number >= new
+            url,
+            lambda t: (
+                t.state == RUNNING
+                and t.user_attrs.get("worker", stopped_worker) != stopped_worker
+                and t.number >= new
+            ),
         )
         killed.append(trial)
         os.kill(int(trial.user_attrs["worker"].rpartition(":")[2]), signal.SIGKILL)
