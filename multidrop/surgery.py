@@ -94,10 +94,11 @@ def clone(unit, changes: dict | None = None) -> keras.layers.Layer:
             config = config["base"]["config"]
         copy = base.from_config({**config, **(changes or {})})
         if call is None:
-            copy.build_from_config(unit.get_build_config())
-        _replay(copy, edits)
-        if call is not None:
+            if not copy.built:  # keras-hub's blocks can build themselves from their config
+                copy.build_from_config(unit.get_build_config())
+        else:  # before the edits: keras-hub's blocks make their sublayers in build()
             copy(*call.args, **{**call.kwargs, **_inference(copy)})
+        _replay(copy, edits)
     except Exception as error:
         raise _not_copyable(unit, error) from error
     old, new = _keras.all_layers(unit), _keras.all_layers(copy)
@@ -216,9 +217,9 @@ class Edited:
     @classmethod
     def from_config(cls, config):
         obj = keras.saving.deserialize_keras_object(config["base"])
-        _replay(obj, config["edits"])
-        if not obj.built and config.get("build_config"):
+        if config.get("build_config") and not obj.built:  # as a load builds it; then edits
             obj.build_from_config(config["build_config"])
+        _replay(obj, config["edits"])
         return obj
 
 

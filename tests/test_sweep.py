@@ -91,20 +91,32 @@ def tiny(backbone: type):
 @pytest.mark.parametrize(
     "backbone, block, options, sites",
     [
-        # BERT's only activation is the pooler's tanh, an output: include_outputs reaches it
-        # and the last encoder block, whose output is the sequence output.
+        # BERT's graph has one activation, the pooler's tanh, an output: include_outputs
+        # reaches it and the last encoder block, whose output is the sequence output; inside
+        # each block's call(), the feed-forward's GELU Dense.
         (
             keras_hub.models.BertBackbone,
             keras_hub.layers.TransformerEncoder,
             {"include_outputs": True},
-            ["transformer_layer_0", "transformer_layer_1", "pooled_dense"],
+            [
+                "transformer_layer_0",
+                "transformer_layer_0/feedforward_intermediate_dense",
+                "transformer_layer_1",
+                "transformer_layer_1/feedforward_intermediate_dense",
+                "pooled_dense",
+            ],
         ),
         # GPT-2 ends in a LayerNormalization, so both decoder blocks are hidden sites.
         (
             keras_hub.models.GPT2Backbone,
             keras_hub.layers.TransformerDecoder,
             {},
-            ["transformer_layer_0", "transformer_layer_1"],
+            [
+                "transformer_layer_0",
+                "transformer_layer_0/feedforward_intermediate_dense",
+                "transformer_layer_1",
+                "transformer_layer_1/feedforward_intermediate_dense",
+            ],
         ),
     ],
     ids=["bert", "gpt2"],
