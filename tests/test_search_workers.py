@@ -163,10 +163,11 @@ def test_a_killed_worker_is_replaced_and_a_stopped_search_resumes(three, data, t
                 t.state == RUNNING
                 and t.user_attrs.get("worker", stopped_worker) != stopped_worker
                 and t.number >= new
+                and is_worker(_pid(t))
             ),
         )
         killed.append(trial)
-        os.kill(int(trial.user_attrs["worker"].rpartition(":")[2]), signal.SIGKILL)
+        os.kill(_pid(trial), signal.SIGKILL)
 
     killer = threading.Thread(target=kill_one, daemon=True)
     killer.start()
@@ -190,6 +191,21 @@ def test_a_killed_worker_is_replaced_and_a_stopped_search_resumes(three, data, t
     with opened(url) as store:
         names = {s.study_name for s in optuna.get_all_study_summaries(store)}
     assert names == {"three", "multidrop-search"} and len(trials(url, "three")) == 4
+
+
+def _pid(trial) -> int:
+    return int(trial.user_attrs["worker"].rpartition(":")[2])
+
+
+def is_worker(pid: int) -> bool:
+    """``pid`` is a live worker process now. A trial read as running may belong to a worker
+    that has just ended, and its pid may already be another process's: a PostgreSQL
+    backend, forked per connection, whose SIGKILL restarts the whole server."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return b"search_workers" in cmdline.read()
+    except OSError:
+        return False
 
 
 def wait(url, condition, timeout=240):
