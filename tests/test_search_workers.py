@@ -121,7 +121,7 @@ def test_a_database_without_the_right_to_create_tables_is_refused(server, data, 
 
 def test_a_killed_worker_is_replaced_and_a_stopped_search_resumes(three, data, tmp_path):
     """Stop a one-worker search (the CLI, killed with its worker) after the first seed of a
-    trial; resume it with two workers and kill one of them in its first trial: every
+    trial; resume it with two workers and kill one of them in a trial: every
     trial is finished by another worker, nothing finished is trained again, and the table
     is the one process's. The study shares its database with study "three", apart."""
     (url, _), env = three, {"MULTIDROP_SEARCH_HEARTBEAT": "1,10"}
@@ -152,30 +152,34 @@ def test_a_killed_worker_is_replaced_and_a_stopped_search_resumes(three, data, t
     }
     assert first.state == RUNNING and finished
 
-    killed = []
+    killed, done = [], threading.Event()
 
     def kill_one():  # a worker of the resumed search, in a trial
-        new = len(before)  # a trial of the resumed search, not one the stop left running
         stopped_worker = first.user_attrs["worker"]  # a retry inherits it until it runs
         trial = wait(
             url,
             lambda t: (
                 t.state == RUNNING
                 and t.user_attrs.get("worker", stopped_worker) != stopped_worker
-                and t.number >= new
                 and is_worker(_pid(t))
             ),
+            until=done,
         )
-        killed.append(trial)
-        os.kill(_pid(trial), signal.SIGKILL)
+        if trial is not None:
+            killed.append(trial)
+            os.kill(_pid(trial), signal.SIGKILL)
 
     killer = threading.Thread(target=kill_one, daemon=True)
     killer.start()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(search_workers, "HEARTBEAT", 1)
-        patch.setattr(search_workers, "GRACE", 10)
-        resumed = search(mlp(), *data, **KILL, storage=url, workers=2, verbose=True)
-    killer.join(60)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(search_workers, "HEARTBEAT", 1)
+            patch.setattr(search_workers, "GRACE", 10)
+            resumed = search(mlp(), *data, **KILL, storage=url, workers=2, verbose=True)
+    finally:
+        done.set()
+        killer.join(60)
+    assert killed, "no worker of the resumed search was seen in a trial"
 
     after = {t.number: t for t in trials(url)}
     assert any(first.number in t.system_attrs.get("retry_history", ()) for t in after.values())
@@ -208,17 +212,20 @@ def is_worker(pid: int) -> bool:
         return False
 
 
-def wait(url, condition, timeout=240):
-    """The first trial of the default study that meets ``condition``, polled every 50 ms."""
-    end = time.monotonic() + timeout
+def wait(url, condition, timeout=240, until=None):
+    """The first trial of the default study that meets ``condition``, polled every 50 ms;
+    None once the event ``until`` is set."""
+    end, study = time.monotonic() + timeout, None
     with opened(url) as store:
-        while time.monotonic() < end:
+        while time.monotonic() < end and not (until and until.is_set()):
             try:
-                study = optuna.load_study(study_name="multidrop-search", storage=store)
-                found = [t for t in study.get_trials() if condition(t)]
+                study = study or optuna.load_study(study_name="multidrop-search", storage=store)
+                found = [t for t in study.get_trials(deepcopy=False) if condition(t)]
             except KeyError:  # the study does not exist yet
                 found = []
             if found:
                 return found[0]
             time.sleep(0.05)
+    if until and until.is_set():
+        return None
     raise AssertionError(f"no trial met the condition in {timeout} s")
