@@ -185,8 +185,13 @@ def test_a_killed_worker_is_replaced_and_a_stopped_search_resumes(three, data, t
     assert any(first.number in t.system_attrs.get("retry_history", ()) for t in after.values())
     for dead in (first, killed[0]):  # its point finished after all, its finished seeds kept
         assert after[dead.number].state == FAIL
-        [done] = [t for t in after.values() if t.state == COMPLETE and t.params == dead.params]
-        assert all(done.user_attrs[k] == v for k, v in dead.user_attrs.items() if "seed" in k)
+        placement, rate = search_workers.point(dead)  # killed before it ran: no params yet
+        [complete] = [
+            t
+            for t in after.values()
+            if t.state == COMPLETE and t.params == {"placement": placement, "rate": rate}
+        ]
+        assert all(complete.user_attrs[k] == v for k, v in dead.user_attrs.items() if "seed" in k)
     one = search(mlp(), *data, **KILL)
     assert resumed.rows == one.rows and resumed.best_call == one.best_call
     # What had finished before the stop was read back, not trained again; every other
