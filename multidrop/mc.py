@@ -120,11 +120,7 @@ def mc_predict(
     for k, i in enumerate(range(0, total, rows)):
         if consistent:
             _reseed(view.dropouts, seed, count=k)
-        chunks.append(
-            runner.predict_on_batch(
-                tree.map_structure(lambda a, i=i: a[np.arange(i, i + rows) % n], inputs)
-            )
-        )
+        chunks.append(runner.predict_on_batch(_rows(inputs, i, rows, n)))
     drawn = tree.map_structure(
         lambda *parts: np.concatenate(parts)[:total].reshape(samples, n, *parts[0].shape[1:]),
         *chunks,
@@ -135,12 +131,18 @@ def mc_predict(
 
 
 def _in_chunks(model, inputs, n: int, rows: int):
-    """``model.predict_on_batch(inputs)`` in calls of at most ``rows`` rows, concatenated."""
-    parts = [
-        model.predict_on_batch(tree.map_structure(lambda a, i=i: a[i : i + rows], inputs))
-        for i in range(0, n, rows)
-    ]
-    return tree.map_structure(lambda *p: np.concatenate(p), *parts)
+    """``model.predict_on_batch(inputs)`` for the ``n`` inputs, in calls of ``min(rows, n)``
+    rows each (the last one wraps around, and its extra rows are dropped) so that JAX and
+    TensorFlow compile ``model`` once, not once more for a shorter last call."""
+    rows = min(rows, n)
+    parts = [model.predict_on_batch(_rows(inputs, i, rows, n)) for i in range(0, n, rows)]
+    return tree.map_structure(lambda *p: np.concatenate(p)[:n], *parts)
+
+
+def _rows(inputs, start: int, rows: int, n: int):
+    """Rows ``start`` to ``start + rows - 1`` of the ``n`` inputs repeated without end:
+    row ``r`` is input ``r % n``."""
+    return tree.map_structure(lambda a: a[np.arange(start, start + rows) % n], inputs)
 
 
 @dataclasses.dataclass(frozen=True)

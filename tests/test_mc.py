@@ -215,3 +215,45 @@ def test_consistent_masks_need_standalone_dropout():
     model = keras.Model(x, layers.Dense(2)(h))
     with pytest.raises(ValueError, match=r"consistent=True needs standalone dropout.*'mha'"):
         multidrop.mc_predict(model, np.ones((2, 4, 8), "float32"), 3, consistent=True)
+
+
+class Counting(layers.Layer):
+    """The identity, counting how often its ``call()`` runs on real tensors: once per trace
+    under JAX's jit and TensorFlow's tf.function, once per call on eager PyTorch."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.runs = 0
+
+    def call(self, x):
+        if not isinstance(x, keras.KerasTensor):  # not the symbolic build of a graph
+            self.runs += 1
+        return x
+
+
+def test_trunk_and_head_are_compiled_once_and_reused_across_samples_and_calls():
+    """5 inputs in calls of 3 rows: the trunk's two calls, and the head's twelve (35 rows),
+    each get 3 rows, so JAX and TensorFlow trace each part once, and never again for
+    another call with the same shapes (another seed). Eager PyTorch runs every call."""
+    x = keras.Input((16,))
+    trunk = Counting(name="trunk_probe")
+    h = layers.Dense(8, activation="relu", name="fc")(trunk(x))
+    head = Counting(name="head_probe")
+    h = head(layers.Dropout(0.3, name="drop")(h))
+    model = randomize(keras.Model(x, layers.Dense(3, name="out")(h)))
+    view = multidrop.mc._mc_view(model)
+    assert view.head is not None and head in view.head.layers and trunk in view.trunk.layers
+    built = (trunk.runs, head.runs)  # the view's own checks run it
+    runs = []
+    for seed in (0, 1, 0):
+        multidrop.mc_predict(model, X[:5], samples=7, batch_size=3, seed=seed)
+        runs.append((trunk.runs - built[0], head.runs - built[1]))
+    if keras.backend.backend() == "torch":
+        assert runs == [(2, 12), (4, 24), (6, 36)]
+    else:
+        assert runs == [(1, 1)] * 3  # without padding the trunk's last call: (2, 1)
+    cached, plain = (
+        multidrop.mc_predict(model, X[:5], 7, batch_size=3, seed=0, return_samples=True, cache=c)[2]
+        for c in (True, False)
+    )
+    np.testing.assert_allclose(cached, plain, rtol=1e-5, atol=1e-6)  # the padding is dropped
