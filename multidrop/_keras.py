@@ -158,10 +158,22 @@ def is_keras_layer(layer) -> bool:
     return True
 
 
+def _cache_skipsets() -> None:
+    """Keras 3.15 stores the skip sets of its saving walk under ``saving_attr_skipset_<type>``
+    but looks them up under ``saving_attr_skiplist_<type>``, so each walk of a layer's
+    attributes builds a new ``Layer()`` and lists its ``dir()`` (about 1 ms; an edit walks
+    hundreds of layers). Store them where Keras looks: the same sets, computed by Keras."""
+    for obj_type in ("Layer", "Functional", "Sequential"):
+        key = f"saving_attr_skiplist_{obj_type}"
+        if global_state.get_global_attribute(key) is None:
+            global_state.set_global_attribute(key, saving_lib.get_attr_skipset(obj_type))
+
+
 def children(layer, properties: bool = True) -> list[tuple[tuple, object]]:
     """``(steps, sublayer)`` for the layers ``layer`` holds directly, as a ``.keras`` file
     finds them: attributes, and lists, tuples and dicts in attributes (``("blocks", 1)``);
     then, with ``properties``, those only a property shows (a Functional's ``layers``)."""
+    _cache_skipsets()
     found, shown = [], []
     for name, value in saving_lib._walk_saveable(layer):
         steps = []
@@ -218,6 +230,7 @@ def copy_state(old, new) -> None:
     """Copy ``old``'s state into ``new`` (same class, built) the way a ``.keras`` file does:
     each layer's ``save_own_variables``/``load_own_variables`` and ``save_assets``/
     ``load_assets``, recursively through sublayers. Raises when the two do not match."""
+    _cache_skipsets()
     with tempfile.TemporaryDirectory(prefix="multidrop-state-") as folder:
         weights, assets = _MemoryStore(), saving_lib.DiskIOStore(folder, mode="r")
         saving_lib._save_state(old, weights, assets, "", set())

@@ -150,7 +150,9 @@ def plan(model, rate, where="activations", **options) -> Plan:
     Example:
         >>> print(multidrop.plan(model, {"fc1": 0.5, "fc2": 0.3}, where=["fc1", "fc2"]))
     """
-    return decide(model, build(Options, "plan", rate=rate, where=where, **options))
+    the_plan = decide(model, build(Options, "plan", rate=rate, where=where, **options))
+    _check_copyable(model)
+    return the_plan
 
 
 def decide(model, opts: Options) -> Plan:
@@ -198,7 +200,6 @@ def decide(model, opts: Options) -> Plan:
         )
     if not opts.share_weights:
         _check_clonable(calls)
-    _check_copyable(model, sites)
     return Plan(model.name, tuple(sites), opts, note)
 
 
@@ -247,9 +248,10 @@ def _check_clonable(calls) -> None:
             rebuild.clone_operation(call.operation)
 
 
-def _check_copyable(model, sites) -> None:
-    """A subclassed model edited inside its ``call()`` is copied whole by surgery: check
-    now that it can be (`multidrop.surgery.check_copyable`)."""
+def _check_copyable(model) -> None:
+    """A subclassed model is copied whole by surgery: check now that it can be
+    (`multidrop.surgery.check_copyable`). An edit does not need this: its copy is made
+    first, before anything is edited, and fails with the same error."""
     if not graph.is_graph_model(model):
         surgery.check_copyable(model)
 
