@@ -6,6 +6,7 @@ nox -s bench                 # quick benchmark (not in the default set)
 nox -s fuzz                  # long Hypothesis budget (not in the default set)
 nox -s sweep                 # all 40 keras.applications models (not in the default set)
 nox -s "tests(keras-next)"   # the torch tests on keras-nightly (not in the default set)
+nox -s "newest(torch)"       # one backend's tests on the newest releases, unpinned (not default)
 nox -s docs                  # build the documentation into build/site (mkdocs --strict)
 nox -s lint                  # ruff check and ruff format --check
 """
@@ -97,6 +98,21 @@ def lint(session: nox.Session) -> None:
     install(session, ".[lint]")
     session.run(str(BIN / "ruff"), "check", *LINTED, *session.posargs, external=True)
     session.run(str(BIN / "ruff"), "format", "--check", *LINTED, external=True)
+
+
+@nox.session(default=False)
+@nox.parametrize("backend", BACKENDS, ids=BACKENDS)
+def newest(session: nox.Session, backend: str) -> None:
+    """Run one backend's tests on the newest releases pip gives without constraints.txt
+    (torch, jax, tensorflow, keras, keras-hub): what a user installing today would get."""
+    session.install("--upgrade", "-e", ".[torch,jax,tensorflow,test]")
+    versions = (
+        "import importlib.metadata as m; print(*(f'{p} {m.version(p)}' for p in "
+        "('torch', 'jax', 'tensorflow', 'keras', 'keras-hub', 'optuna')), sep=', ')"
+    )
+    session.run("python", "-c", versions)
+    env = {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    session.run("pytest", "-m", "not crossbackend", *session.posargs, env=env)
 
 
 def install(session: nox.Session, requirement: str) -> None:
