@@ -13,7 +13,7 @@ import keras
 import keras_hub
 import numpy as np
 from keras import layers, ops
-from models import randomize
+from models import randomize, tiny_hub
 
 register = keras.saving.register_keras_serializable(package="corpus")
 
@@ -341,28 +341,16 @@ def _hub_inputs(segment=True):
     return x
 
 
-def _hub(cls, **extra):
-    return cls(
-        vocabulary_size=50,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=16,
-        max_sequence_length=8,
-        **extra,
-    )
-
-
 def bert():
-    return randomize(_hub(keras_hub.models.BertBackbone, dropout=0.1)), _hub_inputs()
+    return randomize(tiny_hub(keras_hub.models.BertBackbone, dropout=0.1)), _hub_inputs()
 
 
 def gpt2():
-    return randomize(_hub(keras_hub.models.GPT2Backbone)), _hub_inputs(segment=False)
+    return randomize(tiny_hub(keras_hub.models.GPT2Backbone)), _hub_inputs(segment=False)
 
 
 def bert_classifier():
-    backbone = _hub(keras_hub.models.BertBackbone, dropout=0.1)
+    backbone = tiny_hub(keras_hub.models.BertBackbone, dropout=0.1)
     task = keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
     return randomize(task), _hub_inputs()
 

@@ -13,6 +13,20 @@ import keras
 import numpy as np
 
 
+def tiny_hub(cls, **config):
+    """A keras-hub transformer backbone ``cls`` from its constructor (no preset): two blocks
+    of width 8, sequences of 8 tokens, a vocabulary of 50; ``config`` overrides any of it."""
+    defaults = dict(
+        vocabulary_size=50,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=8,
+    )
+    return cls(**{**defaults, **config})
+
+
 def randomize(model, seed: int = 0):
     """Give every weight of ``model`` seeded random values (variances stay positive)."""
     rng = np.random.default_rng(seed)

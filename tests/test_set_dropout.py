@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import assert_identical, assert_snapshot_equal, snapshot, to_numpy
 from keras import layers, ops
+from models import tiny_hub
 
 import multidrop
 
@@ -20,14 +21,7 @@ RATE_KEYS = ("dropout", "attention_dropout", "recurrent_dropout")
 
 
 def tiny_backbone(cls):
-    return cls(
-        vocabulary_size=50,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=16,
-        max_sequence_length=16,
-    )
+    return tiny_hub(cls, max_sequence_length=16)
 
 
 def token_inputs(model, batch=4, seed=0):

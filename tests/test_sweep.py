@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import assert_identical
 from keras import layers
+from models import tiny_hub
 
 import multidrop
 from multidrop import select
@@ -79,18 +80,6 @@ def hidden_activations(model) -> list[str]:
     return sorted(names)
 
 
-def tiny(backbone: type):
-    """A keras-hub transformer backbone built from its constructor, two tiny blocks."""
-    return backbone(
-        vocabulary_size=50,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=8,
-    )
-
-
 @pytest.mark.parametrize(
     "backbone, block, options, sites",
     [
@@ -125,7 +114,7 @@ def tiny(backbone: type):
     ids=["bert", "gpt2"],
 )
 def test_hub_backbone_rewires_after_its_blocks(backbone, block, options, sites, tmp_path):
-    model = tiny(backbone)
+    model = tiny_hub(backbone, hidden_dim=16, intermediate_dim=32)
     rng = np.random.default_rng(0)
     x = {name: np.ones((2, 8), "int32") for name in model.input}
     x["token_ids"] = rng.integers(0, 50, size=(2, 8)).astype("int32")
