@@ -109,20 +109,25 @@ def edit(model, *, after=None, drop=(), inside=(), clone=None, touch=()) -> kera
         >>> new = edit(model, after={node: keras.layers.Dropout(0.2)})
     """
     after, drop, clone = dict(after or {}), list(drop), clone or clone_operation
-    inside = [*inside, *_rebuilt_within(after, drop, touch, clone)]
+    inside = [*inside, *_rebuilt_within(model, after, drop, touch, clone)]
     if not graph.is_graph_model(model):
         return surgery.edit(model, inside)
     return rebuild(model, after=after, drop=drop, clone=surgery.cloner(inside, clone))
 
 
-def _rebuilt_within(after: dict, drop: list, touch, clone) -> list:
+def _rebuilt_within(model, after: dict, drop: list, touch, clone) -> list:
     """Surgery edits that put rebuilt copies of the graph models called inside a
-    ``call()`` in place; their nodes are taken out of ``after`` and ``drop``."""
+    ``call()`` within ``model`` in place; their nodes are taken out of ``after`` and
+    ``drop``. The nodes of ``model``'s own graph stay: it is the graph being rebuilt."""
+    held = {id(layer) for layer in _keras.all_layers(model)}
     groups: dict[int, tuple] = {}
     for node in [*after, *drop, *touch]:
         owner_and_graph = graph.within(node)
-        if owner_and_graph is not None:
-            groups.setdefault(id(owner_and_graph[1]), owner_and_graph)
+        if owner_and_graph is None:
+            continue
+        owner, nested = owner_and_graph
+        if nested is not model and id(owner) in held:
+            groups.setdefault(id(nested), owner_and_graph)
     edits = []
     for owner, nested in groups.values():
         nodes = {id(c.node) for c in graph.walk(nested)}
@@ -294,8 +299,7 @@ class _Rebuild:
 
     def check(self, model, before: list, new) -> None:
         """The rebuild's own lint: what was asked is there, once, and nothing is lost."""
-        before = [c for c in before if not isinstance(c.node, probe.ProbeNode)]
-        after = [c for c in graph.walk(new) if not isinstance(c.node, probe.ProbeNode)]
+        before, after = _of_graphs(before, model), _of_graphs(graph.walk(new), new)
         expected = len(before) - len(self.drop) + len(self.after)
         inserted = list(self.after.values())
         problems = []
@@ -356,3 +360,14 @@ def _copy_state(old, new) -> None:
             f"original's state does not fit the clone ({type(error).__name__}: {error}). Its "
             "get_config() probably misses an argument: fix it, or pass share_weights=True."
         ) from error
+
+
+def _of_graphs(calls: list, model) -> list:
+    """The calls of graph nodes a rebuild of ``model`` makes: not those inside a ``call()``
+    (probed, or of another graph model called there): surgery makes and checks them."""
+    return [
+        c
+        for c in calls
+        if not isinstance(c.node, probe.ProbeNode)
+        and (graph.within(c.node) or (None, model))[1] is model
+    ]

@@ -32,6 +32,10 @@ def thens(model) -> list:
     return [layer for layer in _keras.all_layers(model) if isinstance(layer, Then)]
 
 
+def added(model) -> list[str]:
+    return [layer.name for layer in _keras.all_layers(model) if is_added_name(layer.name)]
+
+
 def bn_state(model) -> list:
     return [
         np.array(v)
@@ -78,6 +82,8 @@ def test_edited_from_the_inside(name, tmp_path):
     rewired = multidrop.insert_dropout(model, 0.5, where=where, seed=1)
     assert isinstance(rewired, type(model))
     assert len(thens(rewired)) == sum(isinstance(s.call.node, probe.ProbeNode) for s in plan)
+    # Every site got its layer: wrapped sublayers and graphs called inside a call() alike.
+    assert sorted(added(rewired)) == sorted(site.name for site in plan)
     assert_identical(rewired(x, training=False), expected)
     multidrop.verify(model, rewired, x).raise_on_mismatch()
 
@@ -91,7 +97,7 @@ def test_edited_from_the_inside(name, tmp_path):
     # Saving keeps the edit: the file loads back with it (classes registered, multidrop imported).
     rewired.save(tmp_path / "rewired.keras")
     loaded = load(tmp_path / "rewired.keras")
-    assert isinstance(loaded, type(model)) and len(thens(loaded)) == len(thens(rewired))
+    assert isinstance(loaded, type(model)) and sorted(added(loaded)) == sorted(added(rewired))
     assert_identical(loaded(x, training=False), expected)
 
     # Monte Carlo: samples spread, BatchNormalization statistics unchanged.
@@ -102,7 +108,7 @@ def test_edited_from_the_inside(name, tmp_path):
 
     # remove_dropout puts the original sublayers back: bitwise, same class, no wrapper left.
     restored = multidrop.remove_dropout(rewired)
-    assert type(restored) is type(model) and not thens(restored)
+    assert type(restored) is type(model) and not thens(restored) and not added(restored)
     assert_identical(restored(x, training=False), expected)
 
     # Dropout is active in training: two training calls differ (BatchNormalization's
@@ -352,3 +358,18 @@ def test_cross_backend_on_a_saved_subclassed_model(tmp_path, monkeypatch):
     report = multidrop.cross_backend(tmp_path / "seq2seq.keras", x=x, rate=0.2, modules=["corpus"])
     print(report)
     assert report.ok and [r.status for r in report.runs] == ["ok"] * 3
+
+
+def test_removing_dropout_written_into_a_call_names_set_dropout():
+    class Own(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.hidden, self.drop = layers.Dense(4), layers.Dropout(0.2)
+
+        def call(self, x, training=None):
+            return self.drop(self.hidden(x), training=training)
+
+    model = Own()
+    model(np.ones((2, 3), "float32"))
+    with pytest.raises(ValueError, match=r"only inside call\(\).*set_dropout\(model, 0\.0\)"):
+        multidrop.remove_dropout(model, all=True)
