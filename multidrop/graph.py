@@ -1,4 +1,5 @@
-"""Read-only walk of Functional and Sequential graphs.
+"""Read-only walk of a model's calls: Functional and Sequential graphs here, the ``call()``
+of subclassed models and custom layers through `multidrop.probe`.
 
 The walk lists every call of an operation (a layer call or an op node such as
 ``keras.activations.relu(x)``) in topological order, nested graph models
@@ -29,18 +30,21 @@ from multidrop import _keras, probe
 from multidrop._keras import Functional
 
 _LISTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_WITHIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # node -> (owner, graph model)
+# node -> weak references to (owner, graph model): the model holds the node, so a strong
+# value would keep both alive for as long as the process runs.
+_WITHIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PLAIN_CALL = types.SimpleNamespace(args=(), kwargs=types.MappingProxyType({}))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Call:
-    """One call of an operation inside a graph model.
+    """One call of an operation inside a model.
 
     Attributes:
         operation: the layer or op called.
-        node: the Keras node that records the call (its arguments and outputs).
-        path: names of the nested models that hold the call, outermost first.
+        node: what records the call (its arguments and outputs): the Keras node in a
+            graph, a `multidrop.probe.ProbeNode` inside a ``call()``.
+        path: names of the nested models and layers that hold the call, outermost first.
         index: 0 for the first call of ``operation`` in its graph, 1 for the
             second call of a shared layer, and so on.
         is_output: the call's output tensor is an output of the outermost model.
@@ -247,14 +251,16 @@ def walk_within(model, path: tuple, is_output: bool, fixed, owner) -> list[Call]
     final = set(map(id, graph_of(model).outputs)) if is_output else set()
     _walk(model, path, final, fixed, True, calls, set(), None)
     for call in calls:
-        _WITHIN.setdefault(call.node, (owner, model))
+        _WITHIN.setdefault(call.node, (weakref.ref(owner), weakref.ref(model)))
     return calls
 
 
 def within(node) -> tuple | None:
     """``(owner, graph model)`` when ``node`` belongs to a graph model called inside the
     ``call()`` of ``owner`` (a custom layer or subclassed model), else None."""
-    return _WITHIN.get(node)
+    refs = _WITHIN.get(node)
+    pair = refs and (refs[0](), refs[1]())
+    return pair if pair and None not in pair else None
 
 
 def _record(top, op) -> probe.Record:
