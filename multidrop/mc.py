@@ -49,18 +49,18 @@ def mc_predict(
 ):
     """Predict with dropout on and everything else in inference mode.
 
-    Works on any Functional or Sequential model with dropout in its graph
-    (nested models included): Dropout-family layers (one built with
+    Works on any built model with dropout in it: Functional, Sequential and
+    subclassed, nested models and the ``call()`` of custom layers included
+    (a probe call finds Dropout sublayers there): Dropout-family layers (one built with
     ``multidrop.insert_dropout(..., mc=True)``, with ``mc=False``, or the
     user's own) and layers whose own dropout is set (``MultiHeadAttention``,
     RNNs, keras-hub blocks: see `multidrop.set_dropout`), which are called with
-    ``training=True`` unless they hold a BatchNormalization. Dropout inside a
-    custom layer's ``call()`` that has no dropout-rate field stays off.
+    ``training=True`` unless they hold a BatchNormalization.
     BatchNormalization uses its moving statistics and no variable of ``model``
     is written (the layers with their own dropout are sampled from copies).
 
     Args:
-        model: a Functional or Sequential Keras model with dropout layers.
+        model: a built Keras model with dropout layers.
         x: the inputs, a NumPy-convertible array (or the structure of arrays
             the model takes), batch first.
         samples: how many stochastic predictions to draw per input.
@@ -192,7 +192,7 @@ def _mc_view(model, consistent: bool = False) -> _View:
         )
         if not any(isinstance(layer, MonteCarlo) for layer in _keras.all_layers(view)):
             raise ValueError(
-                f"Model '{model.name}' has no dropout layers in its graph, so every Monte "
+                f"Model '{model.name}' has no dropout layers, so every Monte "
                 "Carlo sample would be the same. Add some first: "
                 "mc_predict(multidrop.insert_dropout(model, 0.1), x)."
             )

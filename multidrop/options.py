@@ -64,7 +64,8 @@ class Options:
         seed: an int makes the masks reproducible; site ``i`` gets ``seed + i``.
         include_outputs: also put dropout after layers that produce a model
             output (the output names are kept on the returned model).
-        recursive: also insert inside nested Functional and Sequential models.
+        recursive: also insert inside nested models and inside the ``call()`` of custom
+            layers and keras-hub blocks.
         share_weights: share the original's variables instead of copying them
             (training the clone then trains the original too).
         mc: keep the inserted dropout on at inference (Monte Carlo dropout);

@@ -29,7 +29,7 @@ Example:
     >>> from multidrop import probe
     >>> root = probe.of(model)                     # one eager call, cached per model
     >>> [c.qualname for c in probe.calls_inside(root, (), False)]
-    ['dense', 'block/dense_1', 'block/dropout', 'block', 'dense_2']
+    ['dense', 'block', 'block/dense_1', 'block/dropout', 'dense_2']
 """
 
 from __future__ import annotations
@@ -207,7 +207,9 @@ def run(model, sample) -> Record:
         raise ValueError(
             f"multidrop runs {type(model).__name__} '{model.name}' once on a small batch to "
             f"read the structure of its call(), and that call failed: {type(error).__name__}: "
-            f"{error}. Pass inputs it takes as sample=..., e.g. sample=x_train[:2]."
+            f"{error}. Pass inputs it takes as sample=..., e.g. sample=x_train[:2], to plan, "
+            "insert_dropout, set_dropout or remove_dropout: the structure read is kept for "
+            "this model, so mc_predict, verify and search use it after."
         ) from error
     finally:  # what the training call moved (BatchNormalization's averages, RNG states)
         for variable, value in zip(model.variables, state):

@@ -32,7 +32,7 @@ def insert_dropout(model, rate, where="activations", **options) -> keras.Model:
     layer and nested model, and is not compiled.
 
     Args:
-        model: a built Functional or Sequential Keras 3 model.
+        model: a built Keras 3 model: Functional, Sequential or subclassed.
         rate: the dropout rate, a float in [0, 1); ``{layer_name: rate}``; a callable
             ``layer -> float | None``; or `multidrop.linear` (rates growing with depth).
         where: which sites (default: after every activation); see `multidrop.select`.
@@ -40,7 +40,8 @@ def insert_dropout(model, rate, where="activations", **options) -> keras.Model:
             ``recursive``, ``share_weights``, ``mc``: see `multidrop.options.Options`.
 
     Returns:
-        The rewired model: a Sequential for a Sequential, a Functional otherwise.
+        The rewired model: a Sequential for a Sequential, a Functional for a graph, and
+        for a subclassed model an instance of a subclass of its class (`multidrop.surgery`).
 
     Example:
         >>> rewired = multidrop.insert_dropout(model, 0.2)
@@ -68,7 +69,7 @@ def remove_dropout(model, **options) -> keras.Model:
     layer. ``model`` is never changed.
 
     Args:
-        model: a built Functional or Sequential model.
+        model: a built Keras model: Functional, Sequential or subclassed.
         **options: ``all``, ``share_weights``: see `multidrop.options.RemoveOptions`.
 
     Example:
@@ -85,6 +86,12 @@ def remove_dropout(model, **options) -> keras.Model:
         for c in calls
         if _inside(c.node) and isinstance(c.node.owner, Then) and c.node.owner.after is c.operation
     ]
+    if not drop and not inside and opts.all and any(_inside(c.node) for c in calls):
+        raise ValueError(
+            f"Model '{model.name}' has Dropout layers only inside call() code, which "
+            "remove_dropout cannot take out (only multidrop's own wrappers). Set their rates "
+            "to 0 instead: multidrop.set_dropout(model, 0.0)."
+        )
     if not drop and not inside:
         raise ValueError(
             f"Model '{model.name}' has no "
@@ -119,7 +126,7 @@ def set_dropout(model, rate, where=None, **options) -> keras.Model:
     non-zero (`set_plan` names those layers): there within float rounding.
 
     Args:
-        model: a built Functional or Sequential model (a keras-hub backbone or task too).
+        model: a built Keras model, subclassed ones and keras-hub backbones and tasks too.
         rate: a float in [0, 1); ``{layer_name: rate}``; a callable ``layer -> float | None``;
             or `multidrop.linear`.
         where: None (default) for every layer with a dropout-rate field, else any

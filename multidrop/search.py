@@ -104,7 +104,7 @@ def search(
     batch is evaluated before any training, so bad input fails at once.
 
     Args:
-        model: a built Functional or Sequential Keras model; only read.
+        model: a built Keras model (Functional, Sequential or subclassed); only read.
         train: ``(x, y)`` arrays, or a dataset yielding ``(x, y)`` batches
             (``tf.data.Dataset``, torch ``DataLoader``, ``keras.utils.PyDataset``).
         validation: the same, scored after training.

@@ -3,10 +3,10 @@
 ``search(..., storage=URL, workers=N)`` puts every (placement, rate) of the grid in the
 study's queue once (Optuna's ``enqueue_trial``), writes the job — the model as a
 ``.keras`` file, the data, the settings — into a temporary folder, and starts N processes
-``python -m multidrop.search_workers JOB``. Each worker takes queued trials from the
-study (Optuna pops a waiting trial for one worker only) until every point of the grid is
-complete, then exits. Any machine that makes the same call on the same URL adds its own
-workers to the same study.
+of ``python -c "import multidrop.search_workers as w; w.main()" JOB``. Each worker takes
+queued trials from the study (Optuna pops a waiting trial for one worker only) until every
+point of the grid is complete, then exits. Any machine that makes the same call on the
+same URL adds its own workers to the same study.
 
 Faults are Optuna's heartbeat: a worker's trial beats every ``HEARTBEAT`` seconds; a
 trial whose beat is older than ``GRACE`` seconds (its worker was killed, its machine lost
@@ -40,8 +40,19 @@ import sys
 import time
 import warnings
 
+
 # Seconds: a running trial's beat, and how old a beat may get before the trial is queued again.
-HEARTBEAT, GRACE = map(int, os.environ.get("MULTIDROP_SEARCH_HEARTBEAT", "5,20").split(","))
+def _heartbeat(text: str) -> tuple[int, int]:
+    try:
+        beat, grace = map(int, text.split(","))
+    except ValueError:
+        raise ValueError(
+            f"MULTIDROP_SEARCH_HEARTBEAT={text!r}: give BEAT,GRACE in whole seconds, e.g. 5,20"
+        ) from None
+    return beat, grace
+
+
+HEARTBEAT, GRACE = _heartbeat(os.environ.get("MULTIDROP_SEARCH_HEARTBEAT", "5,20"))
 RSS_GROWTH_MB = 30  # a worker grown by more than this after its warm-up is replaced
 WARM_UP = 2  # trials with dropout trained before the growth counts (JAX: +65 MB in the 2nd)
 RECYCLED = 3  # a worker's exit status when it ends to be replaced
@@ -390,7 +401,7 @@ def _status(store, url: str, name: str | None):
         table.add_row(
             worker,
             str(sum(t.state == State.COMPLETE for t in mine)),
-            f"{running[0].params['placement']}, rate {running[0].params['rate']:g}"
+            ("{}, rate {:g}".format(*point(running[0])) if point(running[0]) else "starting")
             if running
             else ("killed" if last.state == State.FAIL else "idle or ended"),
             str(sum(k.startswith("seed ") for k in running[0].user_attrs)) if running else "",
