@@ -373,3 +373,8 @@ def test_removing_dropout_written_into_a_call_names_set_dropout():
     model(np.ones((2, 3), "float32"))
     with pytest.raises(ValueError, match=r"only inside call\(\).*set_dropout\(model, 0\.0\)"):
         multidrop.remove_dropout(model, all=True)
+
+
+def test_cross_backend_names_a_module_it_cannot_import(tmp_path):
+    with pytest.raises(ImportError, match=r"modules=\('no_such_module',\): .*on PYTHONPATH"):
+        multidrop.cross_backend(tmp_path / "m.keras", x=X4, modules=["no_such_module"])

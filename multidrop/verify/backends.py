@@ -247,8 +247,15 @@ def cross_backend(
     """
     backends = _check_backends(backends)
     modules = tuple(modules)
-    for module in modules:
-        importlib.import_module(module)  # here too: this process loads the file first
+    for module in modules:  # here too: this process loads the file first
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ImportError(
+                f"modules={modules!r}: {error}. Give modules importable from here (on "
+                "PYTHONPATH) that register the model's classes; each backend's process "
+                "imports them too."
+            ) from error
     if edit not in EDITS:
         raise ValueError(f"edit={edit!r}: choose 'insert' (insert_dropout) or 'set' (set_dropout).")
     opts = options.build(EDITS[edit], "cross_backend", **insert_options)
