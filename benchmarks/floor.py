@@ -168,6 +168,7 @@ def _run_backend(args) -> dict:
     if keras.backend.backend() != args.backend:
         raise SystemExit(f"--backend {args.backend}: Keras is imported with another backend.")
     run._set_threads(args.threads)
+    timing.kernels_ready()
     device = timing.Device.detect()
     threads = _threads(args.backend)
     print(

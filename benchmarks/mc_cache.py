@@ -100,6 +100,7 @@ def _growth(call) -> float:
 def _one(args) -> None:
     """Subprocess of ``--memory``: one case and variant; prints its memory as JSON."""
     _set_threads(args.threads)
+    timing.kernels_ready()
     case, variant = args.one.split("=")
     rewired, x = _setup(args, case)
     call = _calls(rewired, x, args.samples)[variant]
@@ -139,6 +140,7 @@ def main(argv=None) -> dict | None:
     if args.one:
         return _one(args)
     _set_threads(args.threads)
+    timing.kernels_ready()
 
     rows = []
     for case in CASES:

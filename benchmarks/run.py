@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     from benchmarks import report, timing
 
     _set_threads(args.threads)
+    timing.kernels_ready()
     device = timing.Device.detect()
     size = args.size or ("gpu" if device.gpu else "cpu")
     bandwidth = device.bandwidth_gbps()

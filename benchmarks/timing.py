@@ -109,6 +109,21 @@ class Device:
         return 2 * source.numel() / best / 1e9
 
 
+def kernels_ready() -> None:
+    """On PyTorch's CPU, wait until multidrop's dropout kernel is built (`multidrop.prebuilt`,
+    float32, on one thread and on all of PyTorch's), so that no timing runs its eager
+    stand-in. Elsewhere nothing to wait for."""
+    if keras.backend.backend() != "torch":
+        return
+    import torch
+
+    from multidrop import prebuilt
+
+    if not torch.cuda.is_available():
+        for threads in sorted({1, torch.get_num_threads()}):
+            prebuilt.wait(torch.float32, threads)
+
+
 def interleave(
     steps_by_name: dict,
     device: Device,

@@ -1,38 +1,43 @@
-"""Keras' Dropout with a counter-based mask (Threefry-2x32): the same masks on every backend.
+"""Keras' Dropout with a counter-based mask: the same masks on every backend.
 
 `Dropout` is what ``kind="dropout"`` inserts. It *is* a ``keras.layers.Dropout``
 (same arguments, config, variables and inference behaviour) and it is saved as
 one, so a rewired model still loads with plain Keras; only its training-mode
-mask is computed differently: by Threefry-2x32 from (seed, call count, element index).
+mask is computed differently: from (seed, call count, element index), by `words`.
 
 Example:
     >>> Dropout(0.2, seed=7)(x, training=True)   # the same masks on every run and backend
 
-How the mask is drawn. Call ``count`` of a layer seeded ``seed`` encrypts the
-counter ``(j // 2, 0)`` with Threefry-2x32 (20 rounds: Salmon et al., "Parallel
-random numbers: as easy as 1, 2, 3", 2011; the generator behind ``jax.random``)
-under the key ``(seed, count)``; element ``j`` (row-major order over the input's
-shape, or over ``noise_shape`` and then broadcast) reads word ``j % 2`` of the
-result, a uniform 32-bit integer. It is kept when that word, read as a signed
-int32, is at least ``cutoff - 2**31`` with ``cutoff = round(rate * 2**32)``, and
-scaled by ``2**32 / (2**32 - cutoff)``: one over the keep probability the
-threshold realises, so the output's expectation is the input at every rate
-(rounded to float32, then to the input's dtype). This is pure int32 addition,
-xor and shifts, so every backend computes the same bits. (Outputs agree bitwise
-too; a whole training step only within float tolerance, since each backend sums
-its matrix products in its own order.) Masks differ from earlier multidrop
-versions' (a counter hash with 16-bit thresholds).
+How the mask is drawn (`words`). Call ``count`` of a layer seeded ``seed`` first
+derives its key ``(k0, k1)``: Threefry-2x32 (20 rounds: Salmon et al., "Parallel
+random numbers: as easy as 1, 2, 3", 2011; the generator behind ``jax.random``) of
+the counter ``(0, 0)`` under the key ``(seed, count)``, so seed and count enter
+together through full rounds and two calls' keys are unrelated. Element ``j``
+(row-major order over the input's shape, or over ``noise_shape`` and then
+broadcast) then gets the word ``mix(mix(j + k0) ^ k1)``, with ``mix`` MurmurHash3's
+32-bit finaliser (two multiplies, three xor-shifts: every input bit flips each
+output bit with probability close to 1/2): a keyed two-round hash, a uniform
+32-bit integer, about a third of Threefry's arithmetic per element. It is kept
+when that word, read as a signed int32, is at least ``cutoff - 2**31`` with
+``cutoff = round(rate * 2**32)``, and scaled by ``2**32 / (2**32 - cutoff)``: one
+over the keep probability the threshold realises, so the output's expectation is
+the input at every rate (rounded to float32, then to the input's dtype). This is
+pure int32 addition, multiplication, xor and shifts, so every backend computes the
+same bits. (Outputs agree bitwise too; a whole training step only within float
+tolerance, since each backend sums its matrix products in its own order.) Masks
+differ from earlier multidrop versions' (a counter hash with 16-bit thresholds,
+then Threefry-2x32 per pair of elements). Indices wrap at 2**32 elements per call.
 
 On PyTorch the layer runs a `torch.autograd.Function` that keeps no mask for
 backward: it saves its call's ``[seed, count]`` (8 bytes) and draws the mask
-again. Its cipher, threshold and multiply are one ``torch.compile``-d function (one
-vectorised loop on CPU, one Triton kernel on a GPU), called from eager code and
-compiled on the first training call in a process (about 30 s on a 2-core CPU with
-an empty Inductor cache, about 3 s once Inductor has cached it on disk); where
-compiling fails it warns once and runs the same mask as int32 tensor ops. Under
+again. Its hash, threshold and multiply are one function, `_kernel`. On a CPU it
+runs compiled ahead of time by `multidrop.prebuilt` (one vectorised loop, loaded in
+milliseconds from a per-machine cache; built once, in a background process, while the
+first steps run it as eager int32 tensor ops: the same bits). On a GPU it is
+``torch.compile``-d on the first training call (one Triton kernel); where compiling
+fails it warns once and runs as eager tensor ops. Under
 ``jit_compile=True`` the function is traced into the model's graph instead. On JAX and TensorFlow
-the mask is a few ``keras.ops`` integer ops (on JAX, ``jax.random``'s own
-Threefry primitive: the same bits) in one XLA-compiled function
+the mask is a few ``keras.ops`` integer ops in one XLA-compiled function
 (``jax.jit``, ``tf.function(jit_compile=True)``), fused with the multiply even
 outside a compiled train step; there autodiff keeps what XLA decides (no
 mask-free backward).
@@ -79,6 +84,32 @@ def threefry(x0, x1, k0, k1, shl=operator.lshift, shr=operator.rshift):
             s = i // 4 + 1
             x0, x1 = x0 + keys[s % 3], x1 + keys[(s + 1) % 3] + s
     return x0, x1
+
+
+# MurmurHash3's 32-bit finaliser's multipliers, as int32
+_MIX = (0x85EBCA6B - 2**32, 0xC2B2AE35 - 2**32)
+
+
+def words(index, seed, count, shl=operator.lshift, shr=operator.rshift):
+    """The uniform int32 word of element ``index`` in call ``count`` of a layer seeded
+    ``seed``: ``mix(mix(index + k0) ^ k1)`` with ``(k0, k1)`` the call's `threefry` key.
+
+    Works on int32 tensors of any backend, or numpy arrays (give numpy ``seed`` and
+    ``count`` as one-element arrays: array arithmetic wraps without a warning).
+
+    Example:
+        >>> words(np.arange(4, dtype=np.int32), np.array([7], np.int32), np.array([0], np.int32))
+    """
+    k0, k1 = threefry(0, 0, seed, count, shl, shr)
+
+    def mix(x):  # MurmurHash3's fmix32; a logical shift is the arithmetic one, masked
+        x = x ^ shr(x, 16) & 0xFFFF
+        x = x * _MIX[0]
+        x = x ^ shr(x, 13) & 0x7FFFF
+        x = x * _MIX[1]
+        return x ^ shr(x, 16) & 0xFFFF
+
+    return mix(mix(index + k0) ^ k1)
 
 
 def threshold(rate: float) -> tuple[int, float]:
@@ -161,47 +192,24 @@ def _portable(layer: Dropout, inputs):
 
 
 def _masked(x, state, t, scale):
-    """In ``keras.ops``: ``x * mask`` for the call ``state = [seed, count]``, any shape; one
-    Threefry block gives two elements their words."""
+    """In ``keras.ops``: ``x * mask`` for the call ``state = [seed, count]``, any shape."""
     ops = keras.ops
     if BACKEND == "tensorflow":  # any shape, known or not
         import tensorflow as tf
 
         shape, size = tf.shape(x), tf.size(x)
-        flat = tf.pad(tf.reshape(x, [-1]), [[0, size % 2]])
     else:
         shape, size = x.shape, math.prod(x.shape)
-        flat = ops.pad(ops.reshape(x, [-1]), [[0, size % 2]])
-    pairs = ops.reshape(flat, [-1, 2])
-    words = _words(ops.arange(ops.shape(pairs)[0], dtype="int32"), state)
-    scale = ops.cast(scale, x.dtype)
-    zero = ops.zeros((), x.dtype)
-    masked = [pairs[:, i] * ops.where(w >= t, scale, zero) for i, w in enumerate(words)]
-    return ops.reshape(ops.reshape(ops.stack(masked, axis=1), [-1])[:size], shape)
-
-
-def _words(index, state):
-    """`threefry` of the counters ``(index, 0)`` under the key ``state``, on JAX by
-    ``jax.random``'s own Threefry-2x32 (the same bits; XLA runs it 4x faster on a CPU)."""
-    ops = keras.ops
-    if BACKEND != "jax":
-        return threefry(index, 0, state[0], state[1], ops.left_shift, ops.right_shift)
-    import jax
-    import jax.numpy as jnp
-    from jax.extend.random import threefry_2x32
-
-    index = jax.lax.bitcast_convert_type(index, jnp.uint32)
-    key = jax.lax.bitcast_convert_type(state, jnp.uint32)
-    words = threefry_2x32(key, jnp.concatenate([index, jnp.zeros_like(index)]))
-    words = jax.lax.bitcast_convert_type(words, jnp.int32)
-    return words[: index.size], words[index.size :]
+    index = ops.reshape(ops.arange(size, dtype="int32"), shape)  # row-major element order
+    keep = words(index, state[0], state[1], ops.left_shift, ops.right_shift) >= t
+    return x * ops.where(keep, ops.cast(scale, x.dtype), ops.zeros((), x.dtype))
 
 
 _FUSED: list = []
 
 
 def _fused():
-    """`_masked` compiled by XLA, so that the cipher, threshold and multiply fuse even outside
+    """`_masked` compiled by XLA, so that the hash, threshold and multiply fuse even outside
     a compiled train step (``jax.jit``; ``tf.function(jit_compile=True)``, which TensorFlow
     runs through XLA inside a plain ``tf.function`` too); inlined inside a compiled one.
     TensorFlow traces it once per dtype (any shape: XLA compiles each shape it meets)."""
@@ -234,63 +242,54 @@ def _fused():
 
 # ---- PyTorch ----------------------------------------------------------------------------------
 
-_SCALES: dict = {}
-_SMALL = 1 << 15  # elements: below this, one thread (as PyTorch's own grain size)
+_CONSTANTS: dict = {}
 
 
 def _constants(rate: float, x) -> tuple:
-    """``(t, scale)`` of `threshold` for ``x``: ``scale`` rounded to float32 then to ``x``'s
-    dtype, a 0-d tensor (cached; a tensor, not a float, so that a new rate does not compile
-    the kernel again)."""
-    t, value = threshold(rate)
+    """``(t, scale)`` of `threshold` for ``x``: ``t`` a 0-d int32 tensor, ``scale`` rounded to
+    float32 then to ``x``'s dtype, a 0-d tensor (cached; tensors, not numbers, so that a new
+    rate needs no new kernel)."""
     key = (rate, x.dtype, x.device)
-    scale = _SCALES.get(key)
-    if scale is None:
-        scale = torch.tensor(value, dtype=torch.float32, device=x.device).to(x.dtype)
+    constants = _CONSTANTS.get(key)
+    if constants is None:
+        t, scale = threshold(rate)
+        t = torch.tensor(t, dtype=torch.int32, device=x.device)
+        scale = torch.tensor(scale, dtype=torch.float32, device=x.device).to(x.dtype)
+        constants = t, scale
         if not torch.compiler.is_compiling():
-            _SCALES[key] = scale
-    return t, scale
+            _CONSTANTS[key] = constants
+    return constants
 
 
-def _kernel(x, state, t: int, scale):
+def _kernel(x, state, t, scale):
     """``(x * mask, state + [0, 1], a copy of state)`` for a flat ``x`` and the call
-    ``state = [seed, count]``: the cipher, the threshold and the multiply in one pass, one
-    Threefry block per two elements."""
-    size = x.numel()
-    pairs = torch.nn.functional.pad(x, (0, 1))[: (size + 1) // 2 * 2].view(-1, 2)
-    index = torch.arange(pairs.shape[0], dtype=torch.int32, device=x.device)
-    words = threefry(index, 0, state[0], state[1])
+    ``state = [seed, count]``: the hash, the threshold and the multiply in one pass."""
+    index = torch.arange(x.numel(), dtype=torch.int64, device=x.device).to(torch.int32)
+    keep = words(index, state[0], state[1]) >= t
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    masked = [pairs[:, i] * torch.where(w >= t, scale, zero) for i, w in enumerate(words)]
     step = torch.tensor([0, 1], dtype=state.dtype, device=state.device)
-    return torch.stack(masked, 1).view(-1)[:size], state + step, state.clone()
+    return x * torch.where(keep, scale, zero), state + step, state.clone()
 
 
-def _one_thread(*args):  # two code objects, so that torch.compile keeps two kernels
-    return _kernel(*args)
+_SMALL = 1 << 15  # elements: below this, one thread (as PyTorch's own grain size)
+_COMPILED: list = []
 
 
-def _threads(*args):
-    return _kernel(*args)
-
-
-_COMPILED: dict = {}
-
-
-def _run(x, state, t: int, scale):
-    """`_kernel`: traced into the graph under torch.compile; else compiled once (one kernel
-    for small ``x`` on one thread, one for large ``x`` on all of PyTorch's threads)."""
+def _run(x, state, t, scale):
+    """`_kernel`: traced into the graph under torch.compile; on a CPU the kernel `prebuilt`
+    compiles ahead of time (eager tensor ops until it is built: the same bits); on other
+    devices compiled once by torch.compile."""
     if torch.compiler.is_compiling():
         return _kernel(x, _snapshot(state), t, scale)
-    small = x.numel() < _SMALL and x.device.type == "cpu"
-    kernel = _COMPILED.get(small)
-    if kernel is None:
-        options = {"cpp.threads": 1} if small else {}
-        function = _one_thread if small else _threads
-        kernel = _COMPILED[small] = _Fallback(
-            torch.compile(function, dynamic=True, options=options)
-        )
-    return kernel(x, state, t, scale)
+    if x.device.type == "cpu":
+        from multidrop import prebuilt
+
+        threads = 1 if x.numel() < _SMALL else torch.get_num_threads()
+        kernel = prebuilt.kernel(x.dtype, threads) if x.numel() >= 2 else None
+        return (kernel or _kernel)(x, state, t, scale)
+    if not _COMPILED:
+        _COMPILED.append(_Fallback(torch.compile(_kernel, dynamic=True)))
+    return _COMPILED[0](x, state, t, scale)
 
 
 class _Fallback:
@@ -304,7 +303,7 @@ class _Fallback:
         if self.compiled is not None:
             try:
                 return self.compiled(*args)
-            except Exception as error:  # no C++ compiler, no Triton, an unsupported device...
+            except Exception as error:  # no Triton, an unsupported device...
                 self.compiled = None
                 warnings.warn(
                     f"multidrop: torch.compile of the dropout kernel failed ({error!r:.300}); "

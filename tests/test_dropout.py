@@ -1,8 +1,9 @@
 """multidrop's Dropout: its masks, gradients, memory and inference, on every backend.
 
-``reference_mask`` is the mask written from its definition in numpy (Threefry-2x32-20,
-checked against Random123's known answers and ``jax.random``'s own threefry): every
-backend, eager or compiled, must give exactly its bits.
+``reference_mask`` is the mask written from its definition in numpy, on unsigned words (the
+call's key by Threefry-2x32-20, checked against Random123's known answers and ``jax.random``'s
+own threefry; each element's word by MurmurHash3's finaliser, checked against its published
+values): every backend, eager or compiled, must give exactly its bits.
 """
 
 import json
@@ -38,19 +39,45 @@ def _threefry(x0, x1, k0, k1):
     return x0, x1
 
 
+def _fmix32(x):
+    """MurmurHash3's 32-bit finaliser on uint64 numpy arrays holding 32-bit words."""
+    mask = 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & mask
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & mask
+    return x ^ (x >> 16)
+
+
 def reference_mask(shape, rate, seed, count):
     """The float32 mask (0 or the scale) of call ``count`` of a layer seeded ``seed``:
-    element ``j`` keeps when word ``j % 2`` of Threefry((j // 2, 0), key (seed, count)),
-    read as a signed int32, is at least ``round(rate * 2**32) - 2**31``; kept ones scale by
-    1 / (keep probability)."""
+    with ``(k0, k1)`` = Threefry((0, 0), key (seed, count)), element ``j`` keeps when
+    ``fmix32(fmix32(j + k0) ^ k1)``, read as a signed int32, is at least
+    ``round(rate * 2**32) - 2**31``; kept ones scale by 1 / (keep probability)."""
     size = math.prod(shape)
-    pairs = np.arange((size + 1) // 2, dtype=np.uint64)
-    words = _threefry(pairs, np.uint64(0), np.uint64(seed % 2**32), np.uint64(count % 2**32))
-    words = np.stack(words, 1).reshape(-1)[:size].reshape(shape)
+    k0, k1 = _threefry(
+        np.uint64(0), np.uint64(0), np.uint64(seed % 2**32), np.uint64(count % 2**32)
+    )
+    index = np.arange(size, dtype=np.uint64)
+    words = _fmix32(_fmix32((index + k0) & 0xFFFFFFFF) ^ k1).reshape(shape)
     cutoff = min(round(rate * 2**32), 2**32 - 1)
     scale = np.float32(2**32 / (2**32 - cutoff))
     signed = words.astype(np.int64) - (words >= 2**31).astype(np.int64) * 2**32
     return np.where(signed >= cutoff - 2**31, scale, np.float32(0))
+
+
+def test_reference_is_murmur3s_finaliser():
+    """fmix32's published values (0 is its fixed point; MurmurHash3_x86_32 of the empty
+    string with seed 1 is fmix32(1) = 0x514E28B7), and the layer's `words` on numpy is the
+    reference's unsigned arithmetic."""
+    u = np.uint64
+    assert _fmix32(u(0)) == 0 and _fmix32(u(1)) == 0x514E28B7
+    index = np.arange(-5, 1000, dtype=np.int32)
+    seed, count = np.array([-3], np.int32), np.array([2**31 - 1], np.int32)  # arrays wrap quietly
+    mine = multidrop.dropout.words(index, seed, count)
+    k0, k1 = _threefry(u(0), u(0), u(2**32 - 3), u(2**31 - 1))
+    theirs = _fmix32(_fmix32((index.astype(np.uint64) % 2**32 + k0) & 0xFFFFFFFF) ^ k1)
+    assert np.array_equal(mine.view(np.uint32), theirs.astype(np.uint32))
 
 
 def test_reference_is_threefry_2x32():
@@ -324,23 +351,63 @@ def test_no_graph_break_or_host_read_under_torch_compile():
 
 
 @torch_only
-def test_without_torch_compile_it_warns_once_and_draws_the_same_masks(monkeypatch):
+@pytest.mark.parametrize("threads", [1, "all"])
+def test_the_prebuilt_kernel_draws_the_reference_masks(threads):
+    """The kernel compiled ahead of time (`multidrop.prebuilt`), on one thread (small tensors)
+    and on all of PyTorch's (large ones), forward and backward, in a size that is not a
+    multiple of its vector width."""
     import torch
 
-    from multidrop import dropout
+    from multidrop import dropout, prebuilt
 
-    def failing(function, **options):
-        def compiled(*args):
-            raise RuntimeError("no C++ compiler")
+    threads = 1 if threads == 1 else torch.get_num_threads()
+    kernel = prebuilt.wait(torch.float32, threads)
+    shape = (7, 999) if threads == 1 else (9, dropout._SMALL // 8 + 1)
+    x = torch.from_numpy(_inputs(shape))
+    layer = Dropout(0.3, seed=11)
+    assert prebuilt.kernel(torch.float32, threads) is kernel  # the layer calls it
+    y = layer(x, training=True)
+    assert np.array_equal(_bits(y), (x.numpy() * reference_mask(shape, 0.3, 11, 0)).view(np.int32))
+    x.requires_grad_()
+    (dx,) = torch.autograd.grad(layer(x, training=True), x, torch.ones(shape))
+    assert np.array_equal(dx.numpy(), reference_mask(shape, 0.3, 11, 1))
 
-        return compiled
 
-    monkeypatch.setattr(dropout, "_COMPILED", {})
-    monkeypatch.setattr(torch, "compile", failing)
+@torch_only
+@pytest.mark.parametrize("why", ["the build fails", "the cache is not writable", "stale lock"])
+def test_without_a_built_kernel_it_warns_once_and_draws_the_same_masks(why, monkeypatch, tmp_path):
+    """A build that fails (here: a dtype the script does not know, so the real build script
+    fails in its subprocess), a cache folder that cannot be made, and a lock left by a build
+    that died (it is built again): the layer warns once, naming the cause, and runs the same
+    kernel as eager ops."""
+    import socket
+    import subprocess
+    import sys
+
+    import torch
+
+    from multidrop import prebuilt
+
+    monkeypatch.setattr(prebuilt, "_BUILDS", {})
+    cache = tmp_path / "cache"
+    if why == "the cache is not writable":
+        cache.write_text("a file where the folder should be")
+    monkeypatch.setenv("MULTIDROP_CACHE", str(cache))
+    real = prebuilt._command
+    monkeypatch.setattr(prebuilt, "_command", lambda f, d, t: real(f, "no_such_dtype", t))
+    if why == "stale lock":
+        cache.mkdir()
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        prebuilt.path(torch.float32, 1).with_suffix(".lock").write_text(
+            f"{socket.gethostname()} {gone.pid}"
+        )
+    cause = "cannot write to the cache folder" if "writable" in why else "no_such_dtype"
+    with pytest.warns(RuntimeWarning, match=cause), pytest.raises(RuntimeError, match=cause):
+        prebuilt.wait(torch.float32, 1, timeout=600)
     layer = Dropout(0.4, seed=3)
     x = torch.from_numpy(_inputs((20, 30))).requires_grad_()
-    with pytest.warns(RuntimeWarning, match="no C.. compiler"):
-        y = layer(x, training=True)
+    y = layer(x, training=True)  # no second warning: filterwarnings turns one into an error
     (dx,) = torch.autograd.grad(layer(x, training=True), x, torch.ones(20, 30))
     assert np.array_equal(
         _bits(y), (x.detach().numpy() * reference_mask((20, 30), 0.4, 3, 0)).view(np.int32)
