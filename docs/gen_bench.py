@@ -60,12 +60,14 @@ def main() -> int:
 
 
 KERNEL = ROOT / "docs" / "kernel.md"
+BACKENDS = ("torch", "jax", "tensorflow")
 
 
 def kernel_page(page: str) -> str:
     """``page`` with its generated blocks replaced: ``floor`` (benchmarks.floor's table),
-    ``targets`` (the kernel's targets, decided from the same rows) and ``masks``
-    (benchmarks.mask_stats' table)."""
+    ``targets`` (the kernel's targets, decided from the same rows), ``masks``
+    (benchmarks.mask_stats' table) and, where their results are there, ``cold_start``
+    (benchmarks.cold_start) and ``mc`` (benchmarks.mc_cache, one table per backend)."""
     import re
 
     from benchmarks import floor, mask_stats
@@ -80,6 +82,15 @@ def kernel_page(page: str) -> str:
         "targets": _targets(runs),
         "masks": mask_stats.markdown(masks),
     }
+    for name, files in {
+        "cold_start": ["cold_start"],
+        "mc": [f"mc_cache_{b}" for b in BACKENDS],
+    }.items():
+        found = [RESULTS / f"{f}.md" for f in files if (RESULTS / f"{f}.json").exists()]
+        if found:  # each table as its benchmark wrote it, dated by its JSON
+            blocks[name] = "\n".join(
+                f"{_dated(md.with_suffix('.json'))}:\n\n{md.read_text().strip()}\n" for md in found
+            )
     for name, text in blocks.items():
         pattern = rf"(<!-- generated: {name} -->\n).*?(<!-- end: {name} -->)"
         page, found = re.subn(
@@ -88,6 +99,11 @@ def kernel_page(page: str) -> str:
         if not found:
             raise SystemExit(f"{KERNEL.name} has no generated block {name!r}")
     return page
+
+
+def _dated(path: pathlib.Path) -> str:
+    """A result file's own ``date`` field, else its modification time."""
+    return json.loads(path.read_text()).get("date") or _stamp(path)
 
 
 def _stamp(path: pathlib.Path) -> str:
@@ -128,6 +144,16 @@ def _targets(runs: dict) -> str:
         cells = ", ".join(f"{n:,}: {r:.2f}" for n, r in found.items())
         met = "yes" if max(found.values()) <= limit else "**no**"
         lines.append(f"| {label} | {limit} | {cells} | {met} |")
+    if (RESULTS / "cold_start.json").exists():
+        runs = json.loads((RESULTS / "cold_start.json").read_text())["runs"]
+        first = {v: sorted(r["first_step_s"] for r in rs) for v, rs in runs.items()}
+        keras = first["keras"][len(first["keras"]) // 2]
+        over = {v: f[len(f) // 2] - keras for v, f in first.items() if v != "keras"}
+        cells = ", ".join(f"{v}: {s:+.2f}" for v, s in over.items())
+        met = "yes" if max(over.values()) <= 1 else "**no**"
+        lines.append(
+            f"| torch CPU: first training step over Keras' Dropout, s | 1.0 | {cells} | {met} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -276,20 +276,28 @@ _COMPILED: list = []
 
 
 def _run(x, state, t, scale):
-    """`_kernel`: traced into the graph under torch.compile; on a CPU the kernel `prebuilt`
-    compiles ahead of time (eager tensor ops until it is built: the same bits); on other
-    devices compiled once by torch.compile."""
+    """`_kernel` by the function `_pick` chooses for ``x``."""
+    return _pick(x)(x, state, t, scale)
+
+
+def _pick(x):
+    """What runs `_kernel` for a flat ``x``: traced into the graph under torch.compile; on a
+    CPU the kernel `prebuilt` compiles ahead of time (eager tensor ops until it is built: the
+    same bits); on other devices `_kernel` compiled once by torch.compile."""
     if torch.compiler.is_compiling():
-        return _kernel(x, _snapshot(state), t, scale)
+        return _traced
     if x.device.type == "cpu":
         from multidrop import prebuilt
 
         threads = 1 if x.numel() < _SMALL else torch.get_num_threads()
-        kernel = prebuilt.kernel(x.dtype, threads) if x.numel() >= 2 else None
-        return (kernel or _kernel)(x, state, t, scale)
+        return (prebuilt.kernel(x.dtype, threads) if x.numel() >= 2 else None) or _kernel
     if not _COMPILED:
         _COMPILED.append(_Fallback(torch.compile(_kernel, dynamic=True)))
-    return _COMPILED[0](x, state, t, scale)
+    return _COMPILED[0]
+
+
+def _traced(x, state, t, scale):
+    return _kernel(x, _snapshot(state), t, scale)
 
 
 class _Fallback:
@@ -338,14 +346,16 @@ if BACKEND == "torch":
             # detached: the kernel is compiled for tensors that do not require grad; the state
             # (8 bytes) goes where x is, as Keras' own ops take a CPU tensor on a GPU machine
             state = state.detach().to(x.device)
-            y, after, before = _run(x.detach().reshape(-1), state, *_constants(rate, x))
+            flat = x.detach().reshape(-1)
+            kernel, constants = _pick(flat), _constants(rate, x)
+            y, after, before = kernel(flat, state, *constants)
             ctx.save_for_backward(before)
-            ctx.rate, ctx.shape = rate, x.shape
+            ctx.kernel, ctx.constants, ctx.shape = kernel, constants, x.shape
             ctx.mark_non_differentiable(after)
             return y.view(x.shape), after
 
         @staticmethod
         def backward(ctx, dy, _):
             (before,) = ctx.saved_tensors
-            dx = _run(dy.reshape(-1), before, *_constants(ctx.rate, dy))[0]
+            dx = ctx.kernel(dy.reshape(-1), before, *ctx.constants)[0]
             return dx.view(ctx.shape), None, None

@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 import pathlib
 import platform
@@ -79,9 +78,9 @@ def cache_folder() -> pathlib.Path:
 
 def path(dtype: torch.dtype, threads: int) -> pathlib.Path:
     """The ``.pt2`` file of a kernel: its name hashes everything the compiled code depends
-    on (the kernel's source, PyTorch, Python, the CPU's instruction set, dtype, threads)."""
-    source = "".join(inspect.getsource(f) for f in (dropout.threefry, dropout.words))
-    source += inspect.getsource(dropout._kernel) + repr(dropout._MIX)
+    on (the source of `multidrop.dropout`, PyTorch, Python, the CPU's instruction set,
+    dtype, threads)."""
+    source = pathlib.Path(dropout.__file__).read_text()  # the kernel and all it calls
     cpu = torch.backends.cpu.get_cpu_capability() + platform.machine() + _cpu_flags()
     key = "|".join((source, torch.__version__, sys.version, cpu, str(dtype), str(threads)))
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
@@ -119,7 +118,10 @@ class _Build:
             return None
         self.next_look = now + _POLL
         if self.file.exists():
-            self.runner = _load(self.file)
+            try:
+                self.runner = _load(self.file)
+            except Exception as error:  # a damaged file: say so, run eager
+                self._fail(f"cannot load {self.file} ({error!r}); delete it to build it again")
         elif _stale(self.lock):
             self.lock.unlink(missing_ok=True)  # its builder died: build again
             self.building = False
@@ -146,7 +148,9 @@ class _Build:
         self.building = True
         command = _command(self.file, self.dtype, self.threads)
         launch = "import subprocess, sys; subprocess.Popen(sys.argv[1:], start_new_session=True)"
-        env = {**os.environ, "KERAS_BACKEND": "torch"}
+        here = str(pathlib.Path(dropout.__file__).parents[1])  # multidrop importable there too
+        paths = os.pathsep.join(filter(None, (here, os.environ.get("PYTHONPATH"))))
+        env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": paths}
         with open(self.log, "wb") as log:  # the launcher exits at once; the build goes on
             subprocess.run(
                 [sys.executable, "-c", launch, *command], stdout=log, stderr=log, env=env
@@ -170,7 +174,7 @@ def _stale(lock: pathlib.Path) -> bool:
         age = time.time() - lock.stat().st_mtime
     except OSError:
         return False  # no lock
-    if host == socket.gethostname() and pid.isdigit():
+    if host == socket.gethostname() and pid.isdigit() and os.name == "posix":
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
@@ -188,17 +192,28 @@ def _command(file: pathlib.Path, dtype: torch.dtype, threads: int) -> list[str]:
 
 def _load(file: pathlib.Path):
     """A compiled package as a plain function: PyTorch's C++ loader (microseconds per call),
-    or its public Python wrapper where the loader's signature differs."""
+    or its public Python wrapper where the loader's signature differs. The package reads
+    ``x`` as contiguous memory, so a strided ``x`` (an expanded gradient has stride 0) is
+    made contiguous first."""
     try:
-        runner = torch._C._aoti.AOTIModelPackageLoader(str(file), "model", False, 1, -1)
-        return lambda *args: runner.run(list(args))
+        run = torch._C._aoti.AOTIModelPackageLoader(str(file), "model", False, 1, -1).run
     except (AttributeError, TypeError, RuntimeError):
-        return torch._inductor.aoti_load_package(str(file))
+        from torch._inductor import aoti_load_package
+
+        package = aoti_load_package(str(file))
+        run = lambda args: package(*args)  # noqa: E731
+
+    def kernel(x, state, t, scale):
+        return run([x.contiguous(), state, t, scale])
+
+    return kernel
 
 
 def build(file: pathlib.Path, dtype: torch.dtype, threads: int) -> None:
     """Export `dropout._kernel` for flat ``dtype`` tensors of any size and compile it with
     AOTInductor on ``threads`` threads into ``file`` (written whole or not at all)."""
+    from torch._inductor import aoti_compile_and_package
+
     torch.set_num_threads(threads)
 
     class Kernel(torch.nn.Module):
@@ -211,9 +226,7 @@ def build(file: pathlib.Path, dtype: torch.dtype, threads: int) -> None:
     size = torch.export.Dim("size", min=2, max=2**31 - 1)
     program = torch.export.export(Kernel(), args, dynamic_shapes=({0: size}, None, None, None))
     with tempfile.TemporaryDirectory(dir=file.parent) as folder:
-        package = torch._inductor.aoti_compile_and_package(
-            program, package_path=os.path.join(folder, file.name)
-        )
+        package = aoti_compile_and_package(program, package_path=os.path.join(folder, file.name))
         os.replace(package, file)
 
 
