@@ -13,8 +13,8 @@ with) and for the same masks drawn by ``numpy.random.default_rng`` (PCG64):
 - swapped: calls ``(seed s, count c)`` against ``(seed c, count s)``: how many pairs keep
   exactly as many elements (a permutation would make them all tie) and their ``z``;
 - lags: within one call of 2**20 elements, the correlation of elements ``d`` apart
-  (d = 1, 2, 4, ..., 2**16, and 3, 5, 7) and of the two words of one Threefry block
-  (even and odd elements), as ``z = r * sqrt(n)``;
+  (d = 1, 2, 4, ..., 2**16, and 3, 5, 7) and of even against odd elements (the previous
+  generator gave those two one Threefry block), as ``z = r * sqrt(n)``;
 - rates: the kept fraction at rates 0.1, 0.5 and 0.9 in standard deviations.
 
 It prints a markdown table and writes ``mask_stats.json`` and ``mask_stats.md`` into

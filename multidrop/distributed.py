@@ -70,7 +70,7 @@ def fold(state):
         ``[seed ^ f(rank), count]``, a tensor of ``state``'s backend and dtype.
 
     Example:
-        >>> threefry(pairs, 0, *distributed.fold(state))   # the dropout kernel's key
+        >>> words(index, *distributed.fold(state))   # the dropout kernel's words
     """
     word = rank() * _GOLDEN % 2**32
     if word == 0:

@@ -42,7 +42,7 @@ def test_seed_and_count_swapped_are_unrelated():
 
 
 def test_elements_of_one_call_are_independent_near_and_far():
-    """Neighbours, elements 2**k apart, and the two words of one Threefry block."""
+    """Neighbours, elements 2**k apart, and even against odd elements."""
     stats = mask_stats.lags(mask_stats.layer_masks(0.5, 1, 1, 2**20)[0])
     assert len(stats) == 21
     assert all(abs(z) < 4.5 for z in stats.values()), stats
