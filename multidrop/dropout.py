@@ -100,7 +100,11 @@ def words(index, seed, count, shl=operator.lshift, shr=operator.rshift):
     Example:
         >>> words(np.arange(4, dtype=np.int32), np.array([7], np.int32), np.array([0], np.int32))
     """
-    k0, k1 = threefry(0, 0, seed, count, shl, shr)
+    return _hash(index, *threefry(0, 0, seed, count, shl, shr), shr)
+
+
+def _hash(index, k0, k1, shr=operator.rshift):
+    """`words` of ``index`` under the call's key ``(k0, k1)``."""
 
     def mix(x):  # MurmurHash3's fmix32; a logical shift is the arithmetic one, masked
         x = x ^ shr(x, 16) & 0xFFFF
@@ -261,11 +265,12 @@ def _constants(rate: float, x) -> tuple:
     return constants
 
 
-def _kernel(x, state, t, scale):
+def _kernel(x, state, t, scale, key=None):
     """``(x * mask, state + [0, 1], a copy of state)`` for a flat ``x`` and the call
-    ``state = [seed, count]``: the hash, the threshold and the multiply in one pass."""
+    ``state = [seed, count]``: the hash, the threshold and the multiply in one pass. ``key``:
+    the call's key, where the caller has it already (else derived from ``state``)."""
     index = torch.arange(x.numel(), dtype=torch.int64, device=x.device).to(torch.int32)
-    keep = words(index, state[0], state[1]) >= t
+    keep = (words(index, state[0], state[1]) if key is None else _hash(index, *key)) >= t
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     step = torch.tensor([0, 1], dtype=state.dtype, device=state.device)
     return x * torch.where(keep, scale, zero), state + step, state.clone()
@@ -290,10 +295,18 @@ def _pick(x):
         from multidrop import prebuilt
 
         threads = 1 if x.numel() < _SMALL else torch.get_num_threads()
-        return (prebuilt.kernel(x.dtype, threads) if x.numel() >= 2 else None) or _kernel
+        return (prebuilt.kernel(x.dtype, threads) if x.numel() >= 2 else None) or _eager
     if not _COMPILED:
         _COMPILED.append(_Fallback(torch.compile(_kernel, dynamic=True)))
     return _COMPILED[0]
+
+
+def _eager(x, state, t, scale):
+    """`_kernel` as eager tensor ops on a CPU, the call's key derived on the host (its 20
+    rounds as ~200 numpy operations on one word, not as that many tensor operations)."""
+    seed, count = state.numpy().reshape(2, 1)  # one-element arrays wrap without a warning
+    key = tuple(int(k[0]) for k in threefry(0, 0, seed, count))
+    return _kernel(x, state, t, scale, key)
 
 
 def _traced(x, state, t, scale):
