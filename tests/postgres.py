@@ -45,7 +45,7 @@ def server():
                 warnings.simplefilter("ignore")
                 postgres = pgserver.get_server(folder, cleanup_mode="stop")
         except Exception as error:
-            pytest.skip(f"pgserver could not start PostgreSQL here: {error!r}")
+            pytest.fail(f"pgserver is installed but could not start PostgreSQL: {error!r}")
         try:
             yield postgres.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
         finally:

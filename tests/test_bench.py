@@ -27,7 +27,7 @@ def run_module(module: str, *args: str, timeout: int = 60) -> subprocess.Complet
 def test_quick_benchmark_writes_table_json_and_chart(tmp_path):
     backend = keras.backend.backend()
     run = run_module(
-        "benchmarks", "--quick", "--backend", backend, "--out", str(tmp_path), timeout=300
+        "benchmarks", "--quick", "--backend", backend, "--out", str(tmp_path), timeout=1800
     )
     assert run.returncode == 0, run.stderr[-3000:]
     table = run.stdout.strip().splitlines()
@@ -75,7 +75,7 @@ def test_quick_floor_benchmark_writes_table_json_and_chart(tmp_path):
     run = run_module(
         "benchmarks.floor",
         *("--quick", "--sizes", "4096,300", "--backend", backend, "--out", str(tmp_path)),
-        timeout=600,
+        timeout=1800,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"floor benchmark: {backend}, CPU" in run.stderr

@@ -73,7 +73,7 @@ def test_rewired_model_trains_under_data_parallel_with_a_mask_per_replica():
         "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
     }
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=1800
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -147,7 +147,7 @@ def test_rewired_model_trains_under_torch_ddp_with_a_mask_per_rank(tmp_path):
         str(tmp_path),
     ]
     env = {**os.environ, "KERAS_BACKEND": "torch"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -198,7 +198,7 @@ def test_each_jax_process_draws_its_own_masks(tmp_path):
         for i in range(2)
     ]
     try:
-        done = [process.communicate(timeout=300) for process in processes]
+        done = [process.communicate(timeout=1800) for process in processes]
     finally:
         for process in processes:
             process.kill()  # one failed: the other waits for it forever

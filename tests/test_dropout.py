@@ -410,7 +410,7 @@ def test_without_a_built_kernel_it_warns_once_and_draws_the_same_masks(why, monk
     causes = {"the cache is not writable": "cannot write to the cache folder"}
     cause = causes.get(why, "cannot load .* delete it" if "damaged" in why else "no_such_dtype")
     with pytest.warns(RuntimeWarning, match=cause), pytest.raises(RuntimeError, match=cause):
-        prebuilt.wait(torch.float32, 1, timeout=600)
+        prebuilt.wait(torch.float32, 1, timeout=1800)
     layer = Dropout(0.4, seed=3)
     x = torch.from_numpy(_inputs((20, 30))).requires_grad_()
     y = layer(x, training=True)  # no second warning: filterwarnings turns one into an error
