@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
-import json
 import math
 import multiprocessing
 import os
@@ -70,6 +69,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+import benchmarks
 from benchmarks.mask_stats import _machine, layer_masks, pcg64_masks
 
 ELEMENT = 12345  # the second fixed element of the call stream
@@ -315,9 +315,7 @@ def main(argv=None) -> int:
     }
     table = markdown(results)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "battery.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "battery.md").write_text(table)
+    benchmarks.save(args.out, "battery", results, table)
     return 0
 
 

@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 
+import benchmarks
+
 VARIANTS = ("keras", "multidrop, empty caches", "multidrop, built")
 
 
@@ -59,10 +61,8 @@ def main(argv=None) -> int:
                 run = json.loads(done.stdout.strip().splitlines()[-1])
                 results["runs"][variant].append(run)
                 print(variant, run, flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cold_start.json").write_text(json.dumps(results, indent=1))
     text = markdown(results)
-    (args.out / "cold_start.md").write_text(text)
+    benchmarks.save(args.out, "cold_start", results, text)
     print(text)
     return 0
 

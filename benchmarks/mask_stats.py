@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import platform
 
 import numpy as np
+
+import benchmarks
 
 LAGS = (*(2**k for k in range(17)), 3, 5, 7)
 
@@ -182,9 +183,7 @@ def main(argv=None) -> int:
     }
     table = markdown(results)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "mask_stats.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "mask_stats.md").write_text(table)
+    benchmarks.save(args.out, "mask_stats", results, table)
     return 0
 
 

@@ -7,10 +7,11 @@ Example:
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import matplotlib
+
+import benchmarks
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -82,11 +83,8 @@ def markdown(results: dict) -> str:
 
 def write(results: dict, out: pathlib.Path, table: str) -> list[pathlib.Path]:
     """Write ``bench_<backend>.json``, ``.md`` and ``.png`` into ``out``; returns their paths."""
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"bench_{results['backend']}"
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
-    paths[0].write_text(json.dumps(results, indent=2) + "\n")
-    paths[1].write_text(table)
+    paths = benchmarks.save(out, f"bench_{results['backend']}", results, table)
+    paths.append(out / f"bench_{results['backend']}.png")
     chart(results, paths[2])
     return paths
 
