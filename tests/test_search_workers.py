@@ -30,7 +30,9 @@ pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "torch",
     reason="worker processes are tested in the torch session (each costs a Keras import)",
 )
-COMPLETE, FAIL, RUNNING = (optuna.trial.TrialState[s] for s in ("COMPLETE", "FAIL", "RUNNING"))
+COMPLETE, FAIL, PRUNED, RUNNING = (
+    optuna.trial.TrialState[s] for s in ("COMPLETE", "FAIL", "PRUNED", "RUNNING")
+)
 # The CLI's --where head=h2 --where all=activations.
 KILL = dict(
     where={"head": ["h2"], "all": select.activations()},
@@ -80,8 +82,15 @@ def test_three_workers_give_the_table_of_one_process(three, reference, data):
     url, result = three
     assert result.rows == reference.rows and result.best_call == reference.best_call
     assert result.trained == reference.trained == 6  # each (placement, rate, seed) once
-    workers = {t.user_attrs["worker"] for t in trials(url, "three") if t.state == COMPLETE}
-    assert 1 < len(workers) <= 3
+    done = [t for t in trials(url, "three") if t.state == COMPLETE]
+    assert 1 < len({t.user_attrs["worker"] for t in done}) <= 3
+    assert sorted(search_workers.point(t) for t in done) == sorted(
+        (p, r) for p in SHARED["where"] for r in SHARED["rates"]
+    )
+    # A worker that saw a queued trial another worker took first gets a sampled trial,
+    # pruned at once: no parameters, nothing trained (the grid is the queue).
+    for extra in (t for t in trials(url, "three") if t.state != COMPLETE):
+        assert extra.state == PRUNED and extra.params == {} and "worker" not in extra.user_attrs
 
 
 def test_other_settings_or_data_on_one_study_are_refused(three, data, monkeypatch):
@@ -125,6 +134,7 @@ def test_a_killed_worker_is_replaced_and_a_stopped_search_resumes(three, data, t
     trial is finished by another worker, nothing finished is trained again, and the table
     is the one process's. The study shares its database with study "three", apart."""
     (url, _), env = three, {"MULTIDROP_SEARCH_HEARTBEAT": "1,10"}
+    apart = [(t.number, t.state) for t in trials(url, "three")]
     model, (train, validation) = tmp_path / "mlp.keras", data
     mlp().save(model)
     for name, (x, y) in (("train", train), ("validation", validation)):
@@ -199,7 +209,8 @@ def test_a_killed_worker_is_replaced_and_a_stopped_search_resumes(three, data, t
     assert len(finished) + resumed.trained == one.trained == 6
     with opened(url) as store:
         names = {s.study_name for s in optuna.get_all_study_summaries(store)}
-    assert names == {"three", "multidrop-search"} and len(trials(url, "three")) == 4
+    assert names == {"three", "multidrop-search"}
+    assert [(t.number, t.state) for t in trials(url, "three")] == apart
 
 
 def _pid(trial) -> int:
