@@ -41,7 +41,7 @@ def drawn(tmp_path_factory):
             env=env,
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=1800,
         )
         assert run.returncode == 0, f"{backend}: {run.stderr[-3000:]}"
         with np.load(path) as arrays:

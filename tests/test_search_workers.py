@@ -228,7 +228,7 @@ def is_worker(pid: int) -> bool:
         return False
 
 
-def wait(url, condition, timeout=240, until=None):
+def wait(url, condition, timeout=900, until=None):
     """The first trial of the default study that meets ``condition``, polled every 50 ms;
     None once the event ``until`` is set."""
     end, study = time.monotonic() + timeout, None

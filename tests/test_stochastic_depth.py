@@ -150,7 +150,7 @@ def test_resnet_keras_file_loads_with_plain_keras(resnet, tmp_path):
         capture_output=True,
         text=True,
         check=True,
-        timeout=300,
+        timeout=1800,
     )
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["multidrop"] is False
