@@ -34,7 +34,7 @@ def server():
             warnings.simplefilter("ignore")
             import pgserver
     except ImportError:
-        pytest.skip(
+        pytest.fail(
             "no PostgreSQL: pip install pgserver (in the test extra), or set "
             "MULTIDROP_TEST_POSTGRES to a server's URL"
         )

@@ -82,14 +82,15 @@ def test_three_workers_give_the_table_of_one_process(three, reference, data):
     url, result = three
     assert result.rows == reference.rows and result.best_call == reference.best_call
     assert result.trained == reference.trained == 6  # each (placement, rate, seed) once
-    done = [t for t in trials(url, "three") if t.state == COMPLETE]
+    study = trials(url, "three")
+    done = [t for t in study if t.state == COMPLETE]
     assert 1 < len({t.user_attrs["worker"] for t in done}) <= 3
     assert sorted(search_workers.point(t) for t in done) == sorted(
         (p, r) for p in SHARED["where"] for r in SHARED["rates"]
     )
     # A worker that saw a queued trial another worker took first gets a sampled trial,
     # pruned at once: no parameters, nothing trained (the grid is the queue).
-    for extra in (t for t in trials(url, "three") if t.state != COMPLETE):
+    for extra in (t for t in study if t.state != COMPLETE):
         assert extra.state == PRUNED and extra.params == {} and "worker" not in extra.user_attrs
 
 
